@@ -1,0 +1,30 @@
+"""radixkv: a radix-tree prefix cache for transformer KV, with a paged, preallocated pool.
+
+The core (this package) depends on torch, sortedcontainers and xxhash only. Framework
+adapters live in `radixkv.integrations` and are imported lazily.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .cache import CacheStats, PrefixCache, PrefixMatch
+from .eviction import POLICIES, EvictionPolicy
+from .spec import KVSpec
+
+if TYPE_CHECKING:
+    from .integrations.hf import CachedModel
+
+__all__ = ["POLICIES", "CacheStats", "EvictionPolicy", "KVSpec", "PrefixCache", "PrefixMatch", "wrap"]
+__version__ = "0.1.0"
+
+
+def wrap(model: Any, **kwargs: Any) -> CachedModel:
+    """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
+
+    See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
+    block_size, eviction). Needs the `hf` extra (transformers).
+    """
+    from .integrations.hf import wrap as _wrap
+
+    return _wrap(model, **kwargs)

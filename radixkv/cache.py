@@ -1,0 +1,431 @@
+"""PrefixCache: the public facade over the tree, the block allocator and the KV pool."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from .blocks import BlockAllocator
+from .eviction import EvictionPolicy, make_policy
+from .hashing import chain_hashes, namespace_key, root_hash
+from .pool import KVPool, LayerKV
+from .spec import KVSpec
+from .tokens import TokenIds, as_token_list
+from .tree import Node, RadixTree
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of counters. Token counts are multiples of the block size except query_tokens.
+
+    cached_tokens: in the tree. locked_tokens: held by live matches (a subset of cached, plus
+    blocks of matches that outlived a `clear`). free_tokens: in no one's hands.
+    free_tokens + cached_tokens + (locked tokens no longer in the tree) == capacity_tokens.
+    """
+
+    lookups: int
+    query_tokens: int
+    hit_tokens: int
+    inserted_tokens: int
+    evicted_tokens: int
+    cached_tokens: int
+    locked_tokens: int
+    free_tokens: int
+    capacity_tokens: int
+    capacity_bytes: int
+    num_nodes: int
+    live_matches: int
+
+    @property
+    def hit_rate(self) -> float:
+        """hit_tokens / query_tokens (0.0 before any lookup)."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = dict(self.__dict__)
+        out["hit_rate"] = self.hit_rate
+        return out
+
+
+class PrefixMatch:
+    """The longest cached prefix of a query, locked until released.
+
+    `num_tokens` (a multiple of the block size), `block_ids` and `block_hashes` (one per
+    block, xxh3-64 chained from the namespace). Use as a context manager to release on exit.
+    """
+
+    __slots__ = ("num_tokens", "block_ids", "block_hashes", "namespace", "_cache", "_node", "_released", "_id")
+
+    def __init__(
+        self,
+        cache: PrefixCache,
+        node: Node | None,
+        block_ids: tuple[int, ...],
+        block_hashes: tuple[int, ...],
+        num_tokens: int,
+        namespace: object,
+        match_id: int,
+    ) -> None:
+        self.num_tokens = num_tokens
+        self.block_ids = block_ids
+        self.block_hashes = block_hashes
+        self.namespace = namespace
+        self._cache = cache
+        self._node = node
+        self._released = False
+        self._id = match_id
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __enter__(self) -> PrefixMatch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._released:
+            self._cache.release(self)
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "locked"
+        return f"PrefixMatch(num_tokens={self.num_tokens}, blocks={len(self.block_ids)}, {state})"
+
+
+class PrefixCache:
+    """A radix-tree prefix cache over token ids with a preallocated, paged KV pool.
+
+    Contract:
+      - `match(ids)` returns the longest cached whole-block prefix and locks it; locked blocks
+        are never evicted or rewritten until `release(match)` (or the match's `with` exits).
+      - `gather(match)` copies the matched KV out: per layer (K, V) `[1, H, num_tokens, D]`.
+      - `insert(ids, kv)` stores the whole blocks not yet cached, reusing cached ones untouched;
+        under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
+        go it stores the prefix that fits and returns that count (never raises for lack of room).
+      - Entries in different namespaces never share nodes or blocks.
+      - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
+      - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
+        outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
+    Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
+    for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
+    Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
+    exceeds the query, so callers that must compute one token pass `ids[:-1]`.
+    """
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        *,
+        capacity_tokens: int | None = None,
+        capacity_bytes: int | None = None,
+        block_size: int = 16,
+        eviction: str | EvictionPolicy = "lru",
+    ) -> None:
+        if not isinstance(spec, KVSpec):
+            raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")
+        _check_int("block_size", block_size, minimum=1)
+        if (capacity_tokens is None) == (capacity_bytes is None):
+            raise ValueError("give exactly one of capacity_tokens or capacity_bytes")
+        if capacity_tokens is not None:
+            _check_int("capacity_tokens", capacity_tokens, minimum=1)
+            which, tokens = "capacity_tokens", capacity_tokens
+        else:
+            _check_int("capacity_bytes", capacity_bytes, minimum=1)
+            which, tokens = "capacity_bytes", capacity_bytes // spec.bytes_per_token  # type: ignore[operator]
+        num_blocks = tokens // block_size
+        if num_blocks < 1:
+            raise ValueError(
+                f"{which}={capacity_tokens if capacity_tokens is not None else capacity_bytes} is smaller "
+                f"than one block ({block_size} tokens x {spec.bytes_per_token} bytes)"
+            )
+        _check_fits(which, num_blocks * block_size * spec.bytes_per_token, spec.device)
+        self.spec = spec
+        self.block_size = block_size
+        self.policy = make_policy(eviction)
+        self._pool = KVPool(spec, num_blocks, block_size)
+        self._blocks = BlockAllocator(num_blocks)
+        self._tree = RadixTree(block_size, self.policy)
+        self._lock = threading.RLock()
+        self._live: dict[int, PrefixMatch] = {}
+        self._next_match = 0
+        self.reset_stats()
+
+    # ----- properties ------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return self._blocks.num_blocks * self.block_size
+
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            bs = self.block_size
+            return CacheStats(
+                lookups=self._lookups,
+                query_tokens=self._query_tokens,
+                hit_tokens=self._hit_tokens,
+                inserted_tokens=self._inserted_tokens,
+                evicted_tokens=self._evicted_tokens,
+                cached_tokens=self._tree.num_blocks * bs,
+                locked_tokens=self._tree.num_locked_blocks * bs,
+                free_tokens=self._blocks.num_free * bs,
+                capacity_tokens=self.capacity_tokens,
+                capacity_bytes=self._pool.nbytes,
+                num_nodes=self._tree.num_nodes,
+                live_matches=len(self._live),
+            )
+
+    def reset_stats(self) -> None:
+        """Zero the traffic counters (lookups, query/hit/inserted/evicted tokens)."""
+        with self._lock:
+            self._lookups = self._query_tokens = self._hit_tokens = 0
+            self._inserted_tokens = self._evicted_tokens = 0
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (
+            f"PrefixCache(policy={self.policy.name!r}, block_size={self.block_size}, "
+            f"cached={s.cached_tokens}/{s.capacity_tokens} tokens, locked={s.locked_tokens})"
+        )
+
+    # ----- lookup ----------------------------------------------------------------------
+    def match(self, token_ids: TokenIds, namespace: object = None) -> PrefixMatch:
+        """Longest cached whole-block prefix of `token_ids`, locked until `release`."""
+        ids = as_token_list(token_ids, "token_ids")
+        ns_key = namespace_key(namespace)
+        with self._lock:
+            self._lookups += 1
+            self._query_tokens += len(ids)
+            self._tree.tick()
+            root = self._tree.get_root(ns_key, 0, create=False)
+            node: Node | None = None
+            block_ids: list[int] = []
+            hashes: list[int] = []
+            if root is not None:
+                deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
+                if matched:
+                    node = deepest
+                    self._tree.acquire(node, hit=True)
+                    for n in RadixTree.path(node):
+                        block_ids += n.block_ids
+                        hashes += n.block_hashes
+                    self._blocks.incref(block_ids)
+            num_tokens = len(block_ids) * self.block_size
+            self._hit_tokens += num_tokens
+            self._next_match += 1
+            m = PrefixMatch(self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match)
+            self._live[m._id] = m
+            return m
+
+    def release(self, match: PrefixMatch) -> None:
+        """Unlock a match's blocks. Releasing twice, or a match of another cache, raises ValueError."""
+        with self._lock:
+            self._check_match(match)
+            match._released = True
+            del self._live[match._id]
+            if match._node is not None:
+                self._tree.release(match._node)
+                self._blocks.decref(list(match.block_ids))
+
+    def gather(self, match: PrefixMatch) -> list[LayerKV]:
+        """Per layer (K, V) of the matched tokens, each `[1, num_kv_heads, num_tokens, head_dim]`.
+
+        Fresh tensors: callers may modify them. The match must be live (not released).
+        """
+        with self._lock:
+            self._check_match(match)
+        # Locked blocks are never rewritten, so the copy needs no lock.
+        return self._pool.gather(match.block_ids)
+
+    def _check_match(self, match: object) -> None:
+        if not isinstance(match, PrefixMatch):
+            raise TypeError(f"match must be a PrefixMatch, got {type(match).__name__}")
+        if match._cache is not self:
+            raise ValueError("match belongs to another PrefixCache")
+        if match._released:
+            raise ValueError("match was already released")
+
+    # ----- insertion -------------------------------------------------------------------
+    def insert(
+        self, token_ids: TokenIds, kv: Sequence[LayerKV], namespace: object = None, *, priority: int = 0
+    ) -> int:
+        """Store the KV of `token_ids`; returns the number of newly stored tokens.
+
+        `kv`: per layer (K, V), each `[1, num_kv_heads, len(token_ids), head_dim]` with the
+        spec's dtype and device. Only whole blocks are stored; cached blocks are not rewritten.
+        `priority` is used by the "priority" policy (lower is evicted first).
+        """
+        ids = as_token_list(token_ids, "token_ids")
+        ns_key = namespace_key(namespace)
+        _check_int("priority", priority, minimum=None)
+        self._check_kv(kv, len(ids))
+        bs = self.block_size
+        n_full = len(ids) // bs
+        if n_full == 0:
+            return 0
+        with self._lock:
+            tree = self._tree
+            now = tree.tick()
+            root = tree.get_root(ns_key, root_hash(ns_key), create=True)
+            assert root is not None
+            # Pin the root and lock the path, so that the eviction this insert may trigger
+            # cannot remove the node it extends (or forget the namespace).
+            root.lock_ref += 1
+            try:
+                node, matched = tree.descend(root, ids, n_full)
+                tree.acquire(node, hit=False, priority=priority)
+                try:
+                    stored = self._store(node, ids, kv, matched, n_full, priority, now)
+                finally:
+                    tree.release(node)
+            finally:
+                root.lock_ref -= 1
+                tree.drop_root_if_empty(root)
+            self._inserted_tokens += stored * bs
+            return stored * bs
+
+    def _store(
+        self, node: Node, ids: list[int], kv: Sequence[LayerKV], matched: int, n_full: int, priority: int, now: int
+    ) -> int:
+        """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
+        bs = self.block_size
+        if matched == n_full:
+            return 0
+        new_tokens = ids[matched * bs : n_full * bs]
+        hashes = chain_hashes(node.last_hash, new_tokens, bs)
+        want = min(len(hashes), self.policy.admit(node, hashes, now))
+        if want <= 0:
+            return 0
+        short = want - self._blocks.num_free
+        if short > 0:
+            self._evict_blocks(short)
+        take = min(want, self._blocks.num_free)
+        if take == 0:
+            return 0
+        block_ids = self._blocks.allocate(take)
+        try:
+            self._pool.write(block_ids, kv, matched * bs)
+        except BaseException:
+            self._blocks.decref(block_ids)  # never linked: nothing half-written is reachable
+            raise
+        self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
+        return take
+
+    def _check_kv(self, kv: object, num_tokens: int) -> None:
+        spec = self.spec
+        if not isinstance(kv, (list, tuple)):
+            raise TypeError(f"kv must be a list of (K, V) tensor pairs per layer, got {type(kv).__name__}")
+        if len(kv) != spec.num_layers:
+            raise ValueError(f"kv has {len(kv)} layers, the spec has num_layers={spec.num_layers}")
+        want = (1, spec.num_kv_heads, num_tokens, spec.head_dim)
+        for layer, pair in enumerate(kv):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise TypeError(f"kv[{layer}] must be a (K, V) pair of tensors")
+            for name, t in zip("KV", pair):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"kv[{layer}] {name} must be a torch.Tensor, got {type(t).__name__}")
+                if tuple(t.shape) != want:
+                    raise ValueError(
+                        f"kv[{layer}] {name} has shape {tuple(t.shape)}, expected {want} "
+                        "[1, num_kv_heads, len(token_ids), head_dim]"
+                    )
+                if t.dtype != spec.dtype:
+                    raise ValueError(f"kv[{layer}] {name} has dtype {t.dtype}, the spec has {spec.dtype}")
+                if t.device != spec.device:
+                    raise ValueError(f"kv[{layer}] {name} is on {t.device}, the spec has {spec.device}")
+
+    # ----- eviction --------------------------------------------------------------------
+    def evict(self, num_tokens: int) -> int:
+        """Evict at least `num_tokens` (rounded up to whole blocks) from unlocked leaves, if
+        there are that many; returns the number of tokens evicted. `evict(0)` does nothing."""
+        _check_int("num_tokens", num_tokens, minimum=0)
+        with self._lock:
+            blocks = -(-num_tokens // self.block_size)
+            return self._evict_blocks(blocks) * self.block_size
+
+    def _evict_blocks(self, num_blocks: int) -> int:
+        freed = self._tree.evict(num_blocks)
+        self._blocks.decref(freed)
+        self._evicted_tokens += len(freed) * self.block_size
+        return len(freed)
+
+    def clear(self) -> None:
+        """Drop every entry. Blocks of live matches stay readable until those are released."""
+        with self._lock:
+            self._blocks.decref(self._tree.clear())
+
+    # ----- integrity -------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError describing the first broken invariant. Cost: O(blocks + nodes)."""
+        with self._lock:
+            tree, blocks = self._tree, self._blocks
+            tree.check()
+            blocks.check()
+            # Expected reference counts: one for the tree, one per live match covering the block.
+            expected = [0] * blocks.num_blocks
+            for node in tree.iter_nodes():
+                for b in node.block_ids:
+                    expected[b] += 1
+            locks: dict[int, int] = {}
+            locked_nodes: dict[int, Node] = {}
+            for m in self._live.values():
+                assert not m._released, f"{m} is released but still registered"
+                for b in m.block_ids:
+                    expected[b] += 1
+                if m._node is not None:
+                    for n in RadixTree.path(m._node):
+                        locks[n.uid] = locks.get(n.uid, 0) + 1
+                        locked_nodes[n.uid] = n
+                    assert len(m.block_ids) * self.block_size == m.num_tokens, f"{m} counts tokens wrongly"
+                    assert list(m.block_ids) == [b for n in RadixTree.path(m._node) for b in n.block_ids], (
+                        f"{m} no longer matches its path's blocks"
+                    )
+            for b, want in enumerate(expected):
+                got = blocks.refcount(b)
+                assert got == want, f"block {b} has reference count {got}, expected {want}"
+            for node in tree.iter_nodes():
+                want = locks.get(node.uid, 0)
+                assert node.lock_ref == want, f"{node} has lock_ref {node.lock_ref}, live matches give {want}"
+            locked = sum(len(n.block_ids) for n in locked_nodes.values())
+            assert locked == tree.num_locked_blocks, (
+                f"{tree.num_locked_blocks} blocks counted locked, live matches lock {locked}"
+            )
+            outside = sum(1 for b, c in enumerate(expected) if c > 0) - tree.num_blocks
+            assert blocks.num_free + tree.num_blocks + outside == blocks.num_blocks, (
+                f"free {blocks.num_free} + cached {tree.num_blocks} + held outside the tree {outside} "
+                f"!= {blocks.num_blocks} blocks"
+            )
+            # Hash chain: recompute every block's hash from its parent and tokens.
+            for node in tree.iter_nodes():
+                parent = node.parent
+                assert parent is not None
+                want_h = chain_hashes(parent.last_hash, node.tokens, self.block_size)
+                assert want_h == node.block_hashes, f"{node} has block hashes that do not match its tokens"
+            self.policy.check()
+
+
+def _check_int(name: str, value: object, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_fits(which: str, nbytes: int, device: torch.device | Any) -> None:
+    """Refuse a pool larger than the device's memory instead of failing or thrashing later."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit, what = free, "free CUDA memory"
+    elif device.type == "cpu":
+        limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+    else:
+        return
+    if nbytes > limit:
+        raise ValueError(f"{which} asks for a {nbytes / 2**30:.1f} GiB pool, more than the {limit / 2**30:.1f} GiB of {what}")

@@ -1,0 +1,65 @@
+"""The KV pool: one preallocated tensor for every cached block, the only place tensors live."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .spec import KVSpec
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+class KVPool:
+    """Fixed-size KV blocks for all layers in one tensor on `spec.device`.
+
+    Layout `[num_layers, 2 (K, V), num_kv_heads, num_blocks, block_size, head_dim]`: selecting
+    blocks along dim 3 yields `[L, 2, H, n, block_size, D]`, which is already the contiguous
+    `[L, 2, H, T, D]` that per-layer `[1, H, T, D]` views need, so a gather is one copy.
+    Allocated once at construction; never resized. Thread safety comes from the cache: writes
+    go only to blocks that no one else can reach yet, reads only to locked blocks.
+    """
+
+    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.empty(
+            (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim),
+            dtype=spec.dtype,
+            device=spec.device,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def write(self, block_ids: list[int], kv: Sequence[LayerKV], start: int) -> None:
+        """Copy tokens `[start, start + len(block_ids) * block_size)` of `kv` into `block_ids`.
+
+        `kv`: per layer (K, V), each `[1, H, T, D]`, already validated. One index_copy per
+        layer and K/V; a failure part-way leaves only the (still unreachable) target blocks
+        partly written.
+        """
+        n = len(block_ids)
+        if n == 0:
+            return
+        spec, bs = self.spec, self.block_size
+        end = start + n * bs
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        for layer, (k, v) in enumerate(kv):
+            # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
+            src_k = k[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
+            src_v = v[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
+            self.data[layer, 0].index_copy_(1, idx, src_k)
+            self.data[layer, 1].index_copy_(1, idx, src_v)
+
+    def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
+        """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory."""
+        n = len(block_ids)
+        spec = self.spec
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        out = self.data.index_select(3, idx)  # [L, 2, H, n, bs, D], contiguous
+        out = out.view(spec.num_layers, 2, spec.num_kv_heads, n * self.block_size, spec.head_dim)
+        return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(spec.num_layers)]

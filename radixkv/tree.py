@@ -1,0 +1,318 @@
+"""Radix tree over token ids whose edges are runs of whole blocks. Integers only, no tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sortedcontainers import SortedList
+
+from .eviction import EvictionPolicy
+
+
+class Node:
+    """One edge of the tree: `len(block_ids)` whole blocks of tokens after its parent's path.
+
+    `tokens` holds `len(block_ids) * block_size` ids. A namespace root has no blocks and no
+    parent. `lock_ref` counts live matches (and in-flight inserts) whose path includes the node.
+    """
+
+    __slots__ = (
+        "uid", "parent", "children", "tokens", "block_ids", "block_hashes", "lock_ref",
+        "last_access", "created", "hits", "priority", "depth_tokens", "evict_key", "detached",
+        "ns_key", "root_hash",
+    )  # fmt: skip
+
+    def __init__(self, uid: int, parent: Node | None, now: int) -> None:
+        self.uid = uid
+        self.parent = parent
+        self.children: dict[tuple[int, ...], Node] = {}
+        self.tokens: list[int] = []
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.lock_ref = 0
+        self.last_access = now
+        self.created = now
+        self.hits = 0
+        self.priority = 0
+        self.depth_tokens = 0
+        self.evict_key: object | None = None  # set while the node is in the evictable list
+        self.detached = False
+        self.ns_key: bytes = b""
+        self.root_hash = 0
+
+    @property
+    def last_hash(self) -> int:
+        """Hash of the node's last block, the seed for its children's chain."""
+        return self.block_hashes[-1] if self.block_hashes else self.root_hash
+
+    def __repr__(self) -> str:
+        return f"Node(uid={self.uid}, blocks={len(self.block_ids)}, lock_ref={self.lock_ref})"
+
+
+class RadixTree:
+    """Per-namespace radix trees, locks, and the ordered set of evictable leaves.
+
+    Contract: `descend` finds the longest whole-block prefix and splits the node it ends in,
+    so a path always ends at a node boundary. `acquire`/`release` lock and unlock a path (root
+    excluded); locked nodes are never evictable. `evict` removes tail blocks of the
+    smallest-keyed unlocked leaf until enough blocks are gone and returns their ids; a parent
+    becomes evictable when its last child goes. Costs: descend O(depth + matched tokens) in C
+    with O(depth) Python steps; each evictable-set update O(log leaves).
+    """
+
+    def __init__(self, block_size: int, policy: EvictionPolicy) -> None:
+        self.block_size = block_size
+        self.policy = policy
+        self.roots: dict[bytes, Node] = {}
+        self._evictable: SortedList = SortedList()  # of (key, uid)
+        self._evictable_nodes: dict[int, Node] = {}
+        self._clock = 0
+        self._next_uid = 1
+        self.num_blocks = 0  # blocks referenced by the tree
+        self.num_locked_blocks = 0  # blocks of nodes with lock_ref > 0, detached ones included
+        self.num_nodes = 0  # non-root nodes
+
+    # ----- clock and nodes -------------------------------------------------------------
+    def tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _new_node(self, parent: Node | None) -> Node:
+        node = Node(self._next_uid, parent, self._clock)
+        self._next_uid += 1
+        return node
+
+    def get_root(self, ns_key: bytes, root_hash: int, create: bool) -> Node | None:
+        root = self.roots.get(ns_key)
+        if root is None and create:
+            root = self._new_node(None)
+            root.ns_key = ns_key
+            root.root_hash = root_hash
+            self.roots[ns_key] = root
+        return root
+
+    def drop_root_if_empty(self, root: Node) -> None:
+        """Forget a namespace root with no children, unless an insert has it pinned."""
+        if not root.children and root.lock_ref == 0 and self.roots.get(root.ns_key) is root:
+            del self.roots[root.ns_key]
+
+    # ----- lookup ----------------------------------------------------------------------
+    def descend(self, root: Node, ids: list[int], max_blocks: int) -> tuple[Node, int]:
+        """Deepest node whose path equals `ids[: matched * block_size]`, and `matched` (blocks).
+
+        Compares whole slices (C speed); where the query diverges inside an edge, a binary
+        search over blocks finds the boundary and the edge is split there.
+        """
+        bs = self.block_size
+        limit = max_blocks * bs
+        node, pos = root, 0
+        while pos < limit:
+            child = node.children.get(tuple(ids[pos : pos + bs]))
+            if child is None:
+                break
+            nb = len(child.block_ids)
+            avail = min(nb, (limit - pos) // bs)
+            if avail == nb and ids[pos : pos + nb * bs] == child.tokens:
+                node, pos = child, pos + nb * bs
+                continue
+            # Blocks [0, lo) are known to match (block 0 via the dict key); find the last one.
+            lo, hi = 1, avail
+            ctoks = child.tokens
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if ids[pos + lo * bs : pos + mid * bs] == ctoks[lo * bs : mid * bs]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return self._split(child, lo), pos // bs + lo
+        return node, pos // bs
+
+    def _split(self, child: Node, k: int) -> Node:
+        """Cut `child` after its first k blocks; the new upper node is returned.
+
+        The original object keeps the lower part, so references to deeper nodes (live matches
+        hold their deepest node) stay valid; the upper part inherits locks and statistics.
+        """
+        bs = self.block_size
+        parent = child.parent
+        assert parent is not None and 0 < k < len(child.block_ids)
+        upper = self._new_node(parent)
+        upper.tokens, child.tokens = child.tokens[: k * bs], child.tokens[k * bs :]
+        upper.block_ids, child.block_ids = child.block_ids[:k], child.block_ids[k:]
+        upper.block_hashes, child.block_hashes = child.block_hashes[:k], child.block_hashes[k:]
+        upper.lock_ref = child.lock_ref
+        upper.last_access, upper.created = child.last_access, child.created
+        upper.hits, upper.priority = child.hits, child.priority
+        upper.depth_tokens = child.depth_tokens
+        child.depth_tokens += k * bs
+        parent.children[tuple(upper.tokens[:bs])] = upper
+        upper.children[tuple(child.tokens[:bs])] = child
+        child.parent = upper
+        self.num_nodes += 1
+        return upper
+
+    @staticmethod
+    def path(node: Node) -> list[Node]:
+        """Nodes from just below the root down to `node`."""
+        out: list[Node] = []
+        while node.parent is not None:
+            out.append(node)
+            node = node.parent
+        out.reverse()
+        return out
+
+    # ----- locks and statistics ----------------------------------------------------------
+    def acquire(self, node: Node, hit: bool, priority: int | None = None) -> None:
+        """Lock the path to `node` and mark it used now (a hit when `hit`)."""
+        now = self._clock
+        while node.parent is not None:
+            if node.lock_ref == 0:
+                self.num_locked_blocks += len(node.block_ids)
+                if node.evict_key is not None:
+                    self._remove_evictable(node)
+            node.lock_ref += 1
+            node.last_access = now
+            if hit:
+                node.hits += 1
+            if priority is not None and priority > node.priority:
+                node.priority = priority
+            node = node.parent
+
+    def release(self, node: Node) -> None:
+        """Unlock the path to `node`; leaves whose last lock goes become evictable."""
+        while node.parent is not None:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.num_locked_blocks -= len(node.block_ids)
+                if not node.children and not node.detached:
+                    self._add_evictable(node)
+            node = node.parent
+
+    # ----- growth ----------------------------------------------------------------------
+    def attach(
+        self, parent: Node, tokens: list[int], block_ids: list[int], hashes: list[int], priority: int
+    ) -> Node:
+        """Add a new unlocked leaf under `parent` (which must not have a child with that key)."""
+        node = self._new_node(parent)
+        node.tokens, node.block_ids, node.block_hashes = tokens, block_ids, hashes
+        node.priority = priority
+        node.depth_tokens = parent.depth_tokens + len(parent.tokens)
+        parent.children[tuple(tokens[: self.block_size])] = node
+        if parent.evict_key is not None:  # it is a leaf no more
+            self._remove_evictable(parent)
+        self.num_blocks += len(block_ids)
+        self.num_nodes += 1
+        self._add_evictable(node)
+        return node
+
+    # ----- eviction --------------------------------------------------------------------
+    def _add_evictable(self, node: Node) -> None:
+        key = self.policy.key(node)
+        node.evict_key = key
+        self._evictable.add((key, node.uid))
+        self._evictable_nodes[node.uid] = node
+
+    def _remove_evictable(self, node: Node) -> None:
+        self._evictable.remove((node.evict_key, node.uid))
+        del self._evictable_nodes[node.uid]
+        node.evict_key = None
+
+    def evict(self, num_blocks: int) -> list[int]:
+        """Remove up to `num_blocks` blocks from unlocked leaves; returns the removed block ids."""
+        bs = self.block_size
+        freed: list[int] = []
+        while len(freed) < num_blocks and self._evictable:
+            _, uid = self._evictable[0]
+            node = self._evictable_nodes[uid]
+            take = min(num_blocks - len(freed), len(node.block_ids))
+            now = self._clock
+            if take < len(node.block_ids):  # trim the tail; the leaf keeps its place
+                freed += node.block_ids[-take:]
+                gone = node.block_hashes[-take:]
+                del node.block_ids[-take:], node.block_hashes[-take:], node.tokens[-take * bs :]
+                self.num_blocks -= take
+                self.policy.on_evict(node, gone, now)
+                continue
+            self._remove_evictable(node)
+            freed += node.block_ids
+            self.num_blocks -= take
+            self.policy.on_evict(node, node.block_hashes, now)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[tuple(node.tokens[:bs])]
+            node.detached = True
+            self.num_nodes -= 1
+            if parent.parent is None:
+                self.drop_root_if_empty(parent)
+            elif not parent.children and parent.lock_ref == 0:
+                self._add_evictable(parent)
+        return freed
+
+    def clear(self) -> list[int]:
+        """Detach every node; returns the block ids the tree held. Locked nodes stay locked."""
+        freed: list[int] = []
+        for node in self.iter_nodes():
+            freed += node.block_ids
+            node.detached = True
+            node.evict_key = None
+        for root in self.roots.values():
+            root.detached = True
+        self.roots = {}
+        self._evictable = SortedList()
+        self._evictable_nodes = {}
+        self.num_blocks = 0
+        self.num_nodes = 0
+        self.policy.on_clear()
+        return freed
+
+    # ----- inspection ------------------------------------------------------------------
+    def iter_nodes(self) -> Iterator[Node]:
+        """Every non-root node, parents before children."""
+        stack = list(self.roots.values())
+        while stack:
+            node = stack.pop()
+            if node.parent is not None:
+                yield node
+            stack.extend(node.children.values())
+
+    def check(self) -> None:
+        """Assert the structural invariants of the tree and its evictable set."""
+        bs = self.block_size
+        seen_blocks: set[int] = set()
+        total = nodes = 0
+        evictable: set[int] = set()
+        for ns_key, root in self.roots.items():
+            assert root.parent is None and root.ns_key == ns_key, "root registered under the wrong key"
+            assert root.children, f"namespace root {ns_key!r} has no children"
+            assert not root.block_ids and root.lock_ref == 0, "a root holds blocks or locks"
+        for node in self.iter_nodes():
+            nodes += 1
+            parent = node.parent
+            assert parent is not None and not node.detached, f"{node} is detached but reachable"
+            nb = len(node.block_ids)
+            assert nb > 0, f"{node} holds no blocks"
+            assert len(node.tokens) == nb * bs, f"{node} has {len(node.tokens)} tokens for {nb} blocks"
+            assert len(node.block_hashes) == nb, f"{node} has {len(node.block_hashes)} hashes for {nb} blocks"
+            assert parent.children.get(tuple(node.tokens[:bs])) is node, f"{node} is not under its first block"
+            assert node.depth_tokens == parent.depth_tokens + len(parent.tokens), f"{node} has a wrong depth"
+            assert node.lock_ref >= 0, f"{node} has a negative lock count"
+            assert parent.parent is None or node.lock_ref <= parent.lock_ref, (
+                f"{node} is locked more often than its parent"
+            )
+            for b in node.block_ids:
+                assert b not in seen_blocks, f"block {b} appears in two places in the tree"
+                seen_blocks.add(b)
+            total += nb
+            is_candidate = not node.children and node.lock_ref == 0
+            assert (node.evict_key is not None) == is_candidate, (
+                f"{node} evictable={node.evict_key is not None} but leaf={not node.children}, "
+                f"lock_ref={node.lock_ref}"
+            )
+            if is_candidate:
+                evictable.add(node.uid)
+        assert total == self.num_blocks, f"tree counts {self.num_blocks} blocks, holds {total}"
+        assert nodes == self.num_nodes, f"tree counts {self.num_nodes} nodes, holds {nodes}"
+        assert set(self._evictable_nodes) == evictable, "evictable set differs from the unlocked leaves"
+        assert len(self._evictable) == len(evictable), "evictable list and map differ in size"
+        for key, uid in self._evictable:
+            assert self._evictable_nodes[uid].evict_key == key, f"node {uid} is listed under a stale key"
