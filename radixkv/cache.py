@@ -252,9 +252,7 @@ class PrefixCache:
             raise ValueError("match was already released")
 
     # ----- insertion -------------------------------------------------------------------
-    def insert(
-        self, token_ids: TokenIds, kv: Sequence[LayerKV], namespace: object = None, *, priority: int = 0
-    ) -> int:
+    def insert(self, token_ids: TokenIds, kv: Sequence[LayerKV], namespace: object = None, *, priority: int = 0) -> int:
         """Store the KV of `token_ids`; returns the number of newly stored tokens.
 
         `kv`: per layer (K, V), each `[1, num_kv_heads, len(token_ids), head_dim]` with the
@@ -327,7 +325,7 @@ class PrefixCache:
         for layer, pair in enumerate(kv):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise TypeError(f"kv[{layer}] must be a (K, V) pair of tensors")
-            for name, t in zip("KV", pair):
+            for name, t in zip("KV", pair, strict=True):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"kv[{layer}] {name} must be a torch.Tensor, got {type(t).__name__}")
                 if tuple(t.shape) != want:
@@ -428,4 +426,6 @@ def _check_fits(which: str, nbytes: int, device: torch.device | Any) -> None:
     else:
         return
     if nbytes > limit:
-        raise ValueError(f"{which} asks for a {nbytes / 2**30:.1f} GiB pool, more than the {limit / 2**30:.1f} GiB of {what}")
+        raise ValueError(
+            f"{which} asks for a {nbytes / 2**30:.1f} GiB pool, more than the {limit / 2**30:.1f} GiB of {what}"
+        )

@@ -42,9 +42,7 @@ def _encode(value: object, out: bytearray, name: str) -> None:
         for item in value:
             _encode(item, out, name)
     else:
-        raise TypeError(
-            f"{name} must be None, str, bytes, int or a tuple of those, got {type(value).__name__}"
-        )
+        raise TypeError(f"{name} must be None, str, bytes, int or a tuple of those, got {type(value).__name__}")
 
 
 def root_hash(ns_key: bytes) -> int:

@@ -189,9 +189,7 @@ class RadixTree:
             node = node.parent
 
     # ----- growth ----------------------------------------------------------------------
-    def attach(
-        self, parent: Node, tokens: list[int], block_ids: list[int], hashes: list[int], priority: int
-    ) -> Node:
+    def attach(self, parent: Node, tokens: list[int], block_ids: list[int], hashes: list[int], priority: int) -> Node:
         """Add a new unlocked leaf under `parent` (which must not have a child with that key)."""
         node = self._new_node(parent)
         node.tokens, node.block_ids, node.block_hashes = tokens, block_ids, hashes
@@ -305,8 +303,7 @@ class RadixTree:
             total += nb
             is_candidate = not node.children and node.lock_ref == 0
             assert (node.evict_key is not None) == is_candidate, (
-                f"{node} evictable={node.evict_key is not None} but leaf={not node.children}, "
-                f"lock_ref={node.lock_ref}"
+                f"{node} evictable={node.evict_key is not None} but leaf={not node.children}, lock_ref={node.lock_ref}"
             )
             if is_candidate:
                 evictable.add(node.uid)
