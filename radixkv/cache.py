@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -13,7 +14,7 @@ import torch
 
 from .blocks import BlockAllocator
 from .eviction import EvictionPolicy, make_policy
-from .hashing import chain_hashes, namespace_key, root_hash
+from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from .pool import KVPool, LayerKV
 from .spec import KVSpec
 from .tokens import TokenIds, as_token_list
@@ -197,7 +198,7 @@ class PrefixCache:
     # ----- lookup ----------------------------------------------------------------------
     def match(self, token_ids: TokenIds, namespace: object = None) -> PrefixMatch:
         """Longest cached whole-block prefix of `token_ids`, locked until `release`."""
-        ids = as_token_list(token_ids, "token_ids")
+        ids, _ = as_token_list(token_ids, "token_ids")
         ns_key = namespace_key(namespace)
         with self._lock:
             self._lookups += 1
@@ -215,7 +216,6 @@ class PrefixCache:
                     for n in RadixTree.path(node):
                         block_ids += n.block_ids
                         hashes += n.block_hashes
-                    self._blocks.incref(block_ids)
             num_tokens = len(block_ids) * self.block_size
             self._hit_tokens += num_tokens
             self._next_match += 1
@@ -230,8 +230,7 @@ class PrefixCache:
             match._released = True
             del self._live[match._id]
             if match._node is not None:
-                self._tree.release(match._node)
-                self._blocks.decref(list(match.block_ids))
+                self._blocks.free(self._tree.release(match._node))
 
     def gather(self, match: PrefixMatch) -> list[LayerKV]:
         """Per layer (K, V) of the matched tokens, each `[1, num_kv_heads, num_tokens, head_dim]`.
@@ -259,7 +258,7 @@ class PrefixCache:
         spec's dtype and device. Only whole blocks are stored; cached blocks are not rewritten.
         `priority` is used by the "priority" policy (lower is evicted first).
         """
-        ids = as_token_list(token_ids, "token_ids")
+        ids, packed = as_token_list(token_ids, "token_ids")
         ns_key = namespace_key(namespace)
         _check_int("priority", priority, minimum=None)
         self._check_kv(kv, len(ids))
@@ -279,7 +278,7 @@ class PrefixCache:
                 node, matched = tree.descend(root, ids, n_full)
                 tree.acquire(node, hit=False, priority=priority)
                 try:
-                    stored = self._store(node, ids, kv, matched, n_full, priority, now)
+                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now)
                 finally:
                     tree.release(node)
             finally:
@@ -289,14 +288,22 @@ class PrefixCache:
             return stored * bs
 
     def _store(
-        self, node: Node, ids: list[int], kv: Sequence[LayerKV], matched: int, n_full: int, priority: int, now: int
+        self,
+        node: Node,
+        ids: list[int],
+        packed: array,
+        kv: Sequence[LayerKV],
+        matched: int,
+        n_full: int,
+        priority: int,
+        now: int,
     ) -> int:
         """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
         bs = self.block_size
         if matched == n_full:
             return 0
         new_tokens = ids[matched * bs : n_full * bs]
-        hashes = chain_hashes(node.last_hash, new_tokens, bs)
+        hashes = chain_hashes(node.last_hash, memoryview(packed)[matched * bs : n_full * bs], bs)
         want = min(len(hashes), self.policy.admit(node, hashes, now))
         if want <= 0:
             return 0
@@ -310,7 +317,7 @@ class PrefixCache:
         try:
             self._pool.write(block_ids, kv, matched * bs)
         except BaseException:
-            self._blocks.decref(block_ids)  # never linked: nothing half-written is reachable
+            self._blocks.free(block_ids)  # never linked: nothing half-written is reachable
             raise
         self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
         return take
@@ -349,63 +356,68 @@ class PrefixCache:
 
     def _evict_blocks(self, num_blocks: int) -> int:
         freed = self._tree.evict(num_blocks)
-        self._blocks.decref(freed)
+        self._blocks.free(freed)
         self._evicted_tokens += len(freed) * self.block_size
         return len(freed)
 
     def clear(self) -> None:
         """Drop every entry. Blocks of live matches stay readable until those are released."""
         with self._lock:
-            self._blocks.decref(self._tree.clear())
+            self._blocks.free(self._tree.clear())
 
     # ----- integrity -------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError describing the first broken invariant. Cost: O(blocks + nodes)."""
         with self._lock:
-            tree, blocks = self._tree, self._blocks
+            tree = self._tree
             tree.check()
-            blocks.check()
-            # Expected reference counts: one for the tree, one per live match covering the block.
-            expected = [0] * blocks.num_blocks
-            for node in tree.iter_nodes():
-                for b in node.block_ids:
-                    expected[b] += 1
+            # Locks: each node's lock_ref equals the number of live matches whose path has it.
             locks: dict[int, int] = {}
-            locked_nodes: dict[int, Node] = {}
+            on_paths: dict[int, Node] = {}
             for m in self._live.values():
                 assert not m._released, f"{m} is released but still registered"
-                for b in m.block_ids:
-                    expected[b] += 1
-                if m._node is not None:
-                    for n in RadixTree.path(m._node):
-                        locks[n.uid] = locks.get(n.uid, 0) + 1
-                        locked_nodes[n.uid] = n
-                    assert len(m.block_ids) * self.block_size == m.num_tokens, f"{m} counts tokens wrongly"
-                    assert list(m.block_ids) == [b for n in RadixTree.path(m._node) for b in n.block_ids], (
-                        f"{m} no longer matches its path's blocks"
-                    )
-            for b, want in enumerate(expected):
-                got = blocks.refcount(b)
-                assert got == want, f"block {b} has reference count {got}, expected {want}"
+                if m._node is None:
+                    assert m.num_tokens == 0 and not m.block_ids, f"{m} has blocks but no node"
+                    continue
+                path = RadixTree.path(m._node)
+                assert len({n.detached for n in path}) == 1, f"{m} has a path that is partly detached"
+                assert list(m.block_ids) == [b for n in path for b in n.block_ids], (
+                    f"{m} no longer matches its path's blocks"
+                )
+                assert len(m.block_ids) * self.block_size == m.num_tokens, f"{m} counts tokens wrongly"
+                for n in path:
+                    locks[n.uid] = locks.get(n.uid, 0) + 1
+                    on_paths[n.uid] = n
             for node in tree.iter_nodes():
                 want = locks.get(node.uid, 0)
                 assert node.lock_ref == want, f"{node} has lock_ref {node.lock_ref}, live matches give {want}"
-            locked = sum(len(n.block_ids) for n in locked_nodes.values())
+            detached = [n for n in on_paths.values() if n.detached]
+            for n in detached:
+                assert n.lock_ref == locks[n.uid], f"detached {n} has lock_ref {n.lock_ref}, expected {locks[n.uid]}"
+            locked = sum(len(n.block_ids) for n in on_paths.values())
             assert locked == tree.num_locked_blocks, (
                 f"{tree.num_locked_blocks} blocks counted locked, live matches lock {locked}"
             )
-            outside = sum(1 for b, c in enumerate(expected) if c > 0) - tree.num_blocks
-            assert blocks.num_free + tree.num_blocks + outside == blocks.num_blocks, (
-                f"free {blocks.num_free} + cached {tree.num_blocks} + held outside the tree {outside} "
-                f"!= {blocks.num_blocks} blocks"
-            )
-            # Hash chain: recompute every block's hash from its parent and tokens.
+            # Accounting: free + in the tree + held only by matches that outlived a clear == all.
+            held = [b for n in tree.iter_nodes() for b in n.block_ids]
+            held += [b for n in detached for b in n.block_ids]
+            self._blocks.check(held)
+            # Hash chain: recompute every block's hash from its parent and its tokens.
             for node in tree.iter_nodes():
-                parent = node.parent
-                assert parent is not None
-                want_h = chain_hashes(parent.last_hash, node.tokens, self.block_size)
+                assert node.parent is not None
+                want_h = chain_hashes(node.parent.last_hash, pack_tokens(node.tokens), self.block_size)
                 assert want_h == node.block_hashes, f"{node} has block hashes that do not match its tokens"
             self.policy.check()
+
+    def refcount(self, block_id: int) -> int:
+        """Holders of a block: 1 for the tree (if cached) + live matches covering it. O(nodes)."""
+        with self._lock:
+            nodes = list(self._tree.iter_nodes())
+            nodes += [n for m in self._live.values() if m._node is not None for n in RadixTree.path(m._node)]
+            for node in {n.uid: n for n in nodes}.values():
+                if block_id in node.block_ids:
+                    return (0 if node.detached else 1) + node.lock_ref
+            return 0
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

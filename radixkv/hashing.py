@@ -50,17 +50,20 @@ def root_hash(ns_key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(ns_key)
 
 
-def chain_hashes(parent_hash: int, tokens: list[int], block_size: int) -> list[int]:
-    """Hashes of the whole blocks of `tokens`, each chained from the one before it.
-
-    Cost: one conversion to bytes plus one xxh3 call per block.
-    """
-    data = memoryview(array("Q", tokens).tobytes())
+def chain_hashes(parent_hash: int, packed: bytes | memoryview, block_size: int) -> list[int]:
+    """Hashes of the whole blocks in `packed` (token ids as uint64 bytes), each seeded by the
+    hash before it. Cost: one xxh3 call per block (the chain makes it sequential)."""
     step = 8 * block_size
+    data = bytes(packed)
+    digest = xxhash.xxh3_64_intdigest
     hashes: list[int] = []
     h = parent_hash
-    digest = xxhash.xxh3_64_intdigest
     for start in range(0, len(data) - step + 1, step):
-        h = digest(data[start : start + step], seed=h)
+        h = digest(data[start : start + step], h)
         hashes.append(h)
     return hashes
+
+
+def pack_tokens(tokens: list[int]) -> bytes:
+    """Token ids as the uint64 bytes that block hashes are taken over."""
+    return array("Q", tokens).tobytes()

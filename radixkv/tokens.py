@@ -11,11 +11,12 @@ import torch
 TokenIds = Sequence[int] | torch.Tensor | Any  # Any: a numpy array (numpy is optional)
 
 
-def as_token_list(token_ids: TokenIds, name: str = "token_ids") -> list[int]:
-    """Return `token_ids` as a list of non-negative Python ints, or raise naming `name`.
+def as_token_list(token_ids: TokenIds, name: str = "token_ids") -> tuple[list[int], array]:
+    """Return `token_ids` as a list of ints and as an `array('Q')`, or raise naming `name`.
 
     Accepts a list or tuple of ints, a 1-D integer torch tensor or a 1-D integer numpy array.
-    Values must lie in [0, 2**64). Cost: O(n) in C.
+    Values must lie in [0, 2**64). The array doubles as the bytes that block hashes are taken
+    over. Cost: O(n) in C.
     """
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1:
@@ -39,9 +40,9 @@ def as_token_list(token_ids: TokenIds, name: str = "token_ids") -> list[int]:
         )
     try:
         # 'Q' (unsigned 64-bit) rejects non-ints with TypeError and negatives with OverflowError.
-        array("Q", ids)
+        packed = array("Q", ids)
     except OverflowError as exc:
         raise ValueError(f"{name} must be non-negative ints below 2**64: {exc}") from None
     except TypeError as exc:
         raise TypeError(f"{name} must contain only ints: {exc}") from None
-    return ids
+    return ids, packed

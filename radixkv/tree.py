@@ -178,15 +178,22 @@ class RadixTree:
                 node.priority = priority
             node = node.parent
 
-    def release(self, node: Node) -> None:
-        """Unlock the path to `node`; leaves whose last lock goes become evictable."""
+    def release(self, node: Node) -> list[int]:
+        """Unlock the path to `node`; leaves whose last lock goes become evictable.
+
+        Returns the blocks of detached nodes (cleared while locked) that no one holds now.
+        """
+        freed: list[int] = []
         while node.parent is not None:
             node.lock_ref -= 1
             if node.lock_ref == 0:
                 self.num_locked_blocks -= len(node.block_ids)
-                if not node.children and not node.detached:
+                if node.detached:
+                    freed += node.block_ids
+                elif not node.children:
                     self._add_evictable(node)
             node = node.parent
+        return freed
 
     # ----- growth ----------------------------------------------------------------------
     def attach(self, parent: Node, tokens: list[int], block_ids: list[int], hashes: list[int], priority: int) -> Node:
@@ -247,10 +254,12 @@ class RadixTree:
         return freed
 
     def clear(self) -> list[int]:
-        """Detach every node; returns the block ids the tree held. Locked nodes stay locked."""
+        """Detach every node; returns the blocks no one holds now. Locked nodes keep their
+        blocks (and their locks) until `release` frees them."""
         freed: list[int] = []
         for node in self.iter_nodes():
-            freed += node.block_ids
+            if node.lock_ref == 0:
+                freed += node.block_ids
             node.detached = True
             node.evict_key = None
         for root in self.roots.values():

@@ -1,0 +1,61 @@
+"""Shared helpers for the core tests: deterministic KV and a tree fingerprint."""
+
+from __future__ import annotations
+
+import torch
+
+from radixkv import KVSpec, PrefixCache
+from radixkv.hashing import namespace_key
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+
+
+def make_cache(
+    capacity_tokens: int = 256, block_size: int = 4, eviction: str = "lru", spec: KVSpec = SPEC
+) -> PrefixCache:
+    return PrefixCache(spec, capacity_tokens=capacity_tokens, block_size=block_size, eviction=eviction)
+
+
+def kv_for(ids: list[int], namespace: object = None, spec: KVSpec = SPEC) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """KV that depends on the whole prefix up to each token (as real attention KV does), so the
+    same prefix always gives the same values and a wrong block shows up as a wrong value."""
+    ns = namespace_key(namespace)
+    values = []
+    h = hash(ns) & 0xFFFF
+    for t in ids:
+        h = (h * 1_000_003 + t + 1) % 65_521
+        values.append(float(h))
+    base = torch.tensor(values, dtype=torch.float32)  # [T]
+    out = []
+    for layer in range(spec.num_layers):
+        # [1, H, T, D]: distinct per layer, K/V, head and dim, all exact in float32.
+        offs = torch.arange(spec.num_kv_heads * spec.head_dim, dtype=torch.float32).view(1, spec.num_kv_heads, 1, -1)
+        k = (base.view(1, 1, -1, 1) * 4 + offs + layer * 100_000).to(spec.dtype)
+        v = (-base.view(1, 1, -1, 1) * 4 - offs - layer * 100_000).to(spec.dtype)
+        out.append((k.contiguous(), v.contiguous()))
+    return out
+
+
+def fingerprint(cache: PrefixCache) -> tuple:
+    """Everything observable about a cache's state: stats and the tree's shape and contents."""
+    nodes = sorted(
+        (n.parent.uid if n.parent else -1, n.uid, tuple(n.tokens), tuple(n.block_ids), n.lock_ref)
+        for n in cache._tree.iter_nodes()
+    )
+    return (cache.stats, tuple(sorted(cache._tree.roots)), tuple(nodes), cache._blocks.num_free)
+
+
+def cached_prefixes(cache: PrefixCache) -> set[tuple[bytes, tuple[int, ...]]]:
+    """Every (namespace key, whole-block prefix) the tree holds."""
+    bs = cache.block_size
+    out: set[tuple[bytes, tuple[int, ...]]] = set()
+    stack = [(root, ns, ()) for ns, root in cache._tree.roots.items()]
+    while stack:
+        node, ns, prefix = stack.pop()
+        for child in node.children.values():
+            path = prefix
+            for b in range(len(child.block_ids)):
+                path = path + tuple(child.tokens[b * bs : (b + 1) * bs])
+                out.add((ns, path))
+            stack.append((child, ns, path))
+    return out
