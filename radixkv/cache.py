@@ -35,6 +35,7 @@ class CacheStats:
     hit_tokens: int
     inserted_tokens: int
     evicted_tokens: int
+    dropped_tokens: int  # whole-block tokens inserts could not store: pool full of locked blocks
     cached_tokens: int
     locked_tokens: int
     free_tokens: int
@@ -173,6 +174,7 @@ class PrefixCache:
                 hit_tokens=self._hit_tokens,
                 inserted_tokens=self._inserted_tokens,
                 evicted_tokens=self._evicted_tokens,
+                dropped_tokens=self._dropped_tokens,
                 cached_tokens=self._tree.num_blocks * bs,
                 locked_tokens=self._tree.num_locked_blocks * bs,
                 free_tokens=self._blocks.num_free * bs,
@@ -183,10 +185,10 @@ class PrefixCache:
             )
 
     def reset_stats(self) -> None:
-        """Zero the traffic counters (lookups, query/hit/inserted/evicted tokens)."""
+        """Zero the traffic counters (lookups, query/hit/inserted/evicted/dropped tokens)."""
         with self._lock:
             self._lookups = self._query_tokens = self._hit_tokens = 0
-            self._inserted_tokens = self._evicted_tokens = 0
+            self._inserted_tokens = self._evicted_tokens = self._dropped_tokens = 0
 
     def __repr__(self) -> str:
         s = self.stats
@@ -311,6 +313,7 @@ class PrefixCache:
         if short > 0:
             self._evict_blocks(short)
         take = min(want, self._blocks.num_free)
+        self._dropped_tokens += (want - take) * bs
         if take == 0:
             return 0
         block_ids = self._blocks.allocate(take)
