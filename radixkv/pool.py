@@ -59,15 +59,25 @@ class KVPool:
             self.data[layer, 1].index_copy_(1, idx, src_v)
 
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
-        """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory."""
+        """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.
+
+        One `index_select` per layer and K/V over a `[H, num_blocks, block_size * D]` view: each
+        result is a separate, modest allocation that the allocator can reuse between requests
+        (one tensor for all layers would exceed the mmap threshold and fault fresh pages every time).
+        """
         n = len(block_ids)
-        spec = self.spec
+        spec, bs = self.spec, self.block_size
         if n == 0:
             empty = self.data.new_empty((1, spec.num_kv_heads, 0, spec.head_dim))
             return [(empty.clone(), empty.clone()) for _ in range(spec.num_layers)]
-        out = self.data.index_select(3, self._index(block_ids))  # [L, 2, H, n, bs, D], contiguous
-        out = out.view(spec.num_layers, 2, spec.num_kv_heads, n * self.block_size, spec.head_dim)
-        return [(out[layer, 0].unsqueeze(0), out[layer, 1].unsqueeze(0)) for layer in range(spec.num_layers)]
+        idx = self._index(block_ids)
+        per_block = self.data.view(spec.num_layers, 2, spec.num_kv_heads, self.num_blocks, bs * spec.head_dim)
+        out: list[LayerKV] = []
+        for layer in range(spec.num_layers):
+            k = per_block[layer, 0].index_select(1, idx).view(1, spec.num_kv_heads, n * bs, spec.head_dim)
+            v = per_block[layer, 1].index_select(1, idx).view(1, spec.num_kv_heads, n * bs, spec.head_dim)
+            out.append((k, v))
+        return out
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.
