@@ -1,0 +1,293 @@
+"""Drop-in Hugging Face `generate` that prefills only the uncached suffix of each prompt.
+
+```python
+cached = radixkv.wrap(model, capacity_tokens=200_000)
+out = cached.generate(input_ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+cached.cache.stats
+```
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from radixkv import EvictionPolicy, PrefixCache, PrefixMatch
+
+from ._hf_kv import LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
+from ._hf_layout import BatchLayout, plan_layout
+from ._hf_support import (
+    CallPlan,
+    Passthrough,
+    UncachedWarning,
+    analyze_call,
+    generate_signature,
+    model_unsupported_reason,
+)
+
+__all__ = ["DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats", "CachedModel",
+           "UncachedWarning", "wrap"]  # fmt: skip
+
+DEFAULT_CPU_CAPACITY_TOKENS = 16_384
+"""Default pool size off CUDA, in tokens (capped at a quarter of physical memory)."""
+DEFAULT_CUDA_FREE_FRACTION = 0.5
+"""Default pool size on CUDA: this share of the device's free memory when `wrap` runs."""
+
+
+@dataclass(frozen=True)
+class AdapterStats:
+    """What the adapter did, in input rows (not beams) and tokens.
+
+    calls: generate calls. uncached_calls: calls passed to `model.generate` unchanged.
+    prompt_tokens: real (unpadded) prompt tokens of cached calls. reused_tokens: prompt tokens
+    whose prefill was skipped. `cache.stats.hit_tokens` counts matched tokens, which exceed
+    reused_tokens in batches where another row's longer uncached suffix had to be computed.
+    """
+
+    calls: int
+    uncached_calls: int
+    prompt_tokens: int
+    reused_tokens: int
+
+
+class CachedModel:
+    """A Hugging Face decoder-only model whose `generate` reuses KV of previously seen prefixes.
+
+    Contract of `generate(*args, **kwargs)`: same arguments and same return value as
+    `model.generate` (tensor, or the `Generate*Output` with `return_dict_in_generate=True`).
+      1. Each row's real tokens (padding excluded) are matched against the cache, at most
+         len - 1 tokens. The batch is prefilled on its last S = max(len_i - hit_i) columns and
+         each row reuses max(0, len_i - S) cached tokens (see `_hf_layout`: suffix-aligned, so
+         the model sees exactly the caller's input_ids and mask). One row: all of its hit.
+      2. After generate, each row's prompt and generated tokens (up to the first EOS) are
+         inserted, whole blocks only, never padding. Beam search inserts prompts only (its
+         final cache rows belong to running beams, not to the returned sequences).
+      3. Match locks are released right after the KV is gathered, in a `finally`, so any
+         exception (stopping criteria, streamers, the model, KeyboardInterrupt) leaves no lock;
+         an exception inside generate inserts nothing.
+      4. Passed unchanged to `model.generate`, with one `UncachedWarning` saying why:
+         unsupported models (encoder-decoder, recurrent / linear-attention or other non-KV
+         layers, no position_ids), `past_key_values`, `use_cache=False`, `inputs_embeds`,
+         `assistant_model` and other assisted / hub decoding modes, `cache_implementation`,
+         `token_healing`, `output_attentions` / `output_hidden_states`, extra model inputs
+         (e.g. `position_ids`, `token_type_ids`), masks that are not left padding, training mode.
+      5. Bad input goes to `model.generate` silently and gets its own error. What transformers
+         rejects before decoding (ids, masks, unknown kwargs, generation config values) is
+         caught before any lookup; what only its decoding loop finds (e.g. temperature < 0)
+         costs one counted lookup. Either way nothing is inserted and no lock is left.
+         A model whose weights changed dtype or device since `wrap` raises RuntimeError.
+    Costs per cached call: one `match` per row (O(tokens) hashing), one copy of the reused KV
+    (none extra for a single unpadded row), one insert per returned row (copies new blocks).
+    The cache assumes fixed weights: call `cache.clear()` after changing weights or adapters.
+    Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
+    Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        capacity_tokens: int | None = None,
+        capacity_bytes: int | None = None,
+        block_size: int = 16,
+        eviction: str | EvictionPolicy = "lru",
+    ) -> None:
+        if isinstance(model, CachedModel):
+            raise TypeError("model is already a CachedModel; wrap the underlying model once")
+        if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
+            raise TypeError(f"model must be a transformers model with generate() and a config, got {type(model)!r}")
+        self.model = model
+        self._signature = generate_signature(model.generate)
+        self._lock = threading.Lock()
+        self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
+        self.unsupported_reason: str | None = model_unsupported_reason(model)
+        self._model_kv: ModelKV | None = None
+        self._weights = _weights_dtype_device(model)
+        self.cache: PrefixCache | None = None
+        if self.unsupported_reason is None:
+            try:
+                self._model_kv = probe_model_kv(model)
+            except UnsupportedKV as exc:
+                self.unsupported_reason = str(exc)
+        if self._model_kv is not None:
+            spec = self._model_kv.spec
+            if capacity_tokens is None and capacity_bytes is None:
+                capacity_tokens, capacity_bytes = _default_capacity(spec.device, spec.bytes_per_token)
+            self.cache = PrefixCache(
+                spec,
+                capacity_tokens=capacity_tokens,
+                capacity_bytes=capacity_bytes,
+                block_size=block_size,
+                eviction=eviction,
+            )
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
+
+    def __repr__(self) -> str:
+        state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
+        return f"CachedModel({type(self.model).__name__}, {state})"
+
+    @property
+    def stats(self) -> AdapterStats:
+        with self._lock:
+            return AdapterStats(self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract."""
+        if self.cache is None:
+            verdict: CallPlan | Passthrough = Passthrough(self.unsupported_reason)
+        else:
+            verdict = analyze_call(self.model, self._signature, args, kwargs, self._vocab_size)
+        if isinstance(verdict, Passthrough):
+            self._count(uncached=True)
+            if verdict.reason is not None:
+                warnings.warn(f"radixkv: generate ran uncached: {verdict.reason}", UncachedWarning, stacklevel=2)
+            return self.model.generate(*args, **kwargs)
+        return self._generate_cached(verdict)
+
+    # ----- the cached path ------------------------------------------------------------
+    def _generate_cached(self, plan: CallPlan) -> Any:
+        cache, model_kv = self.cache, self._model_kv
+        assert cache is not None and model_kv is not None
+        weights = _weights_dtype_device(self.model)
+        if weights != self._weights:
+            # Cached KV was computed by the weights as they were; mixing it in would be silently wrong.
+            raise RuntimeError(
+                f"the model moved from {self._weights} to {weights} since radixkv.wrap; wrap it again for a new cache"
+            )
+        ids, mask = plan.input_ids, plan.attention_mask
+        width = ids.shape[1]
+        lengths: list[int] = (mask != 0).sum(dim=1).tolist()
+        rows: list[list[int]] = ids.tolist()
+        prompts = [row[width - n :] for row, n in zip(rows, lengths, strict=True)]
+
+        matches: list[PrefixMatch] = []
+        try:
+            for prompt in prompts:
+                # At most len - 1 tokens: generate must compute at least one prompt token.
+                matches.append(cache.match(prompt[:-1]))
+            layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
+            gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
+        finally:
+            for m in matches:
+                if not m.released:
+                    cache.release(m)
+
+        past = build_past(layout, gathered, model_kv, plan.expand)
+        del gathered
+        extra = plan.bound.arguments.setdefault(plan.var_kwargs, {})
+        extra["past_key_values"] = past
+        extra["attention_mask"] = mask
+        out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
+        self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        self._insert(plan, layout, prompts, sequences, past)
+        return out
+
+    def _insert(
+        self,
+        plan: CallPlan,
+        layout: BatchLayout,
+        prompts: Sequence[list[int]],
+        sequences: torch.Tensor,
+        past: Any,
+    ) -> None:
+        """Store each returned row's prompt + output KV (prompts only for beam search)."""
+        cache = self.cache
+        assert cache is not None and self._model_kv is not None
+        spec = self._model_kv.spec
+        width, expand = layout.width, plan.expand
+        kv_columns = past_length(past)
+        if plan.beam or kv_columns != sequences.shape[1] - 1:
+            # Beam rows were reordered every step; any cache row of input i still holds its prompt.
+            # (A length mismatch in a non-beam call means generate changed its cache contract:
+            # then only the prompt columns, filled by the prefill, are known to be right.)
+            for i, prompt in enumerate(prompts):
+                start = width - len(prompt)
+                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec))
+            return
+        generated = sequences[:, width:]  # [B * expand, N]
+        n_keep = _lengths_to_eos(generated, plan.eos_token_ids)
+        for r, keep in enumerate(n_keep):
+            prompt = prompts[r // expand]
+            start = width - len(prompt)
+            # Column j of the cache holds the KV of sequences[:, j]; the last token has none.
+            stop = min(width + keep, kv_columns)
+            tokens = prompt + generated[r, : stop - width].tolist()
+            self._insert_row(tokens, row_kv(past, r, start, stop, spec))
+
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV]) -> None:
+        assert self.cache is not None
+        if len(tokens) >= self.cache.block_size:
+            self.cache.insert(tokens, kv)
+
+    def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
+        with self._lock:
+            self._calls += 1
+            self._uncached_calls += int(uncached)
+            self._prompt_tokens += prompt_tokens
+            self._reused_tokens += reused_tokens
+
+
+def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None:
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return None if param is None else (param.dtype, param.device)
+
+
+def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """Per row, generated tokens up to and including the first EOS (all of them without one)."""
+    rows, n = generated.shape
+    if not eos_token_ids or n == 0:
+        return [n] * rows
+    eos = torch.tensor(eos_token_ids, dtype=generated.dtype, device=generated.device)
+    is_eos = torch.isin(generated, eos)  # [R, N]
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, n)
+    return first.tolist()
+
+
+def _default_capacity(device: torch.device, bytes_per_token: int) -> tuple[int | None, int | None]:
+    """(capacity_tokens, capacity_bytes) when the caller gives neither.
+
+    CUDA: DEFAULT_CUDA_FREE_FRACTION of the free device memory now. Elsewhere:
+    DEFAULT_CPU_CAPACITY_TOKENS tokens, fewer if that would exceed a quarter of physical memory.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return None, int(free * DEFAULT_CUDA_FREE_FRACTION)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_CPU_CAPACITY_TOKENS, None
+    return max(1, min(DEFAULT_CPU_CAPACITY_TOKENS, physical // 4 // bytes_per_token)), None
+
+
+def wrap(
+    model: Any,
+    *,
+    capacity_tokens: int | None = None,
+    capacity_bytes: int | None = None,
+    block_size: int = 16,
+    eviction: str | EvictionPolicy = "lru",
+) -> CachedModel:
+    """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
+
+    Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
+    neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
+    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size` and `eviction` go to `PrefixCache`.
+    The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
+    device). Models the cache cannot serve are still wrapped: their calls run uncached with an
+    `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
+    """
+    return CachedModel(
+        model,
+        capacity_tokens=capacity_tokens,
+        capacity_bytes=capacity_bytes,
+        block_size=block_size,
+        eviction=eviction,
+    )
