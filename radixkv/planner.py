@@ -213,8 +213,9 @@ class Scenario:
 
 
 def scenarios(shape: ModelShape, kv_bytes_per_element: float) -> list[Scenario]:
-    """The what-ifs `radixkv plan` prints: as configured, an int8 cache, and GQA with 8 KV heads
-    (only when the model has more than 8), also combined with int8.
+    """The what-ifs `radixkv plan` prints: as configured, an int8 cache, GQA with 8 KV heads
+    (only when the model has more than 8; also combined with int8), and for a GQA model the
+    same model without GQA (one KV head per query head: what GQA saves).
 
     An int8 cache is counted at 1 byte per element; per-block scales (a few bytes per block) are
     left out, so real int8 caches are a little larger.
@@ -226,6 +227,9 @@ def scenarios(shape: ModelShape, kv_bytes_per_element: float) -> list[Scenario]:
         out.append(Scenario("GQA, 8 KV heads", 8, kv_bytes_per_element))
         if kv_bytes_per_element > 1:
             out.append(Scenario("GQA 8 + int8", 8, 1))
+    heads = shape.num_attention_heads
+    if heads is not None and heads > shape.num_kv_heads:
+        out.append(Scenario(f"without GQA ({heads} KV heads)", heads, kv_bytes_per_element))
     return out
 
 

@@ -1,0 +1,190 @@
+"""The `radixkv` command: `demo`, `bench WORKLOAD`, `plan`.
+
+    radixkv demo                          # system-prompt workload, tiny model, every method
+    radixkv bench rag --model llama-100m --out results/rag
+    radixkv bench trace --out results/trace
+    radixkv plan --model llama-2-7b --memory 80GiB --context 4096
+
+Bad arguments exit with status 2 and a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from radixkv import POLICIES
+
+from .methods import METHODS
+from .presets import PRESETS
+from .workloads import WORKLOADS
+
+__all__ = ["build_parser", "main"]
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)
+    p.add_argument("--model", default="tiny", help=f"preset ({runnable}), local checkpoint/config dir, or hub id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--capacity-tokens", type=int, default=32768, help="cache capacity in tokens (default: 32768)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default: 16)")
+    p.add_argument("--eviction", default="lru", choices=list(POLICIES), help="radixkv eviction policy (default: lru)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all; generate is the token reference)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on CPU: steady per-core timings even when other jobs share the "
+        "cores, where torch's default can run 20x slower; torch's choice on CUDA)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_params_flags(p: argparse.ArgumentParser, params_cls: type) -> None:
+    for f in dataclasses.fields(params_cls):
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+        )
+    p.add_argument("--smoke", action="store_true", help="a tiny size that runs in seconds (tests); overrides sizes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of the `radixkv` command."""
+    parser = argparse.ArgumentParser(prog="radixkv", description="radixkv benchmarks and KV memory planner")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="system-prompt workload on the tiny model, every method (~1 min on 2 cores)")
+    _add_model_flags(demo)
+    demo.add_argument("--out", type=Path, default=None, help="also write results.json and methods.png here")
+
+    bench = sub.add_parser("bench", help="run one workload; writes results.json and PNG plots to --out")
+    wl = bench.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    for name, spec in WORKLOADS.items():
+        w = wl.add_parser(name, help=spec.summary)
+        _add_model_flags(w)
+        _add_params_flags(w, spec.params_cls)
+        w.add_argument("--out", type=Path, default=Path("radixkv-results") / name, help="output directory")
+    t = wl.add_parser("trace", help="replay the Mooncake trace through the cache alone: hit rate vs capacity")
+    t.add_argument(
+        "--trace", type=Path, default=None, help="JSONL trace (default: shared/traces/ beside the repository)"
+    )
+    t.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    t.add_argument("--capacities", default=None, help="comma-separated capacities in tokens (default: a log sweep)")
+    t.add_argument("--policies", default=None, help="comma-separated eviction policies (default: all)")
+    t.add_argument("--block-size", type=int, default=512, help="cache block size in tokens (default: 512)")
+    t.add_argument("--out", type=Path, default=Path("radixkv-results") / "trace", help="output directory")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    plan = sub.add_parser("plan", help="KV cache memory planner")
+    plan.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), config path, or hub id")
+    plan.add_argument("--dtype", default="float16", help="weights dtype (default: float16)")
+    plan.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: --dtype)")
+    plan.add_argument("--memory", default="80GiB", help="memory budget, e.g. 80GiB, 24GB (default: 80GiB)")
+    plan.add_argument("--context", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    plan.add_argument("--params", type=float, default=None, help="weight count override, e.g. 7e9")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def _model_bench(args: argparse.Namespace, workload: str, params: Any, out: Path | None) -> None:
+    import torch
+
+    from .bench import ModelBenchArgs, run_model_bench
+
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif not args.device.startswith(("cuda", "auto")) or (args.device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(1)
+    run_model_bench(
+        ModelBenchArgs(
+            workload=workload,
+            params=params,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            capacity_tokens=args.capacity_tokens,
+            block_size=args.block_size,
+            eviction=args.eviction,
+            seed=args.seed,
+            methods=_methods(args.methods),
+            out=out,
+            progress=not args.no_progress,
+        )
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "plan":
+        from .plan_cmd import plan_report
+
+        print(
+            plan_report(
+                args.model,
+                dtype=args.dtype,
+                kv_dtype=args.kv_dtype,
+                memory=args.memory,
+                context=args.context,
+                params=args.params,
+                as_json=args.json,
+            )
+        )
+    elif args.command == "demo":
+        spec = WORKLOADS["system-prompt"]
+        _model_bench(args, spec.name, spec.params_cls(), args.out)
+    elif args.workload == "trace":
+        from .trace_sweep import run_trace_sweep
+
+        run_trace_sweep(
+            args.trace,
+            out=args.out,
+            block_size=args.block_size,
+            capacities=[int(float(c)) for c in args.capacities.split(",")] if args.capacities else None,
+            policies=args.policies.split(",") if args.policies else None,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    else:
+        spec = WORKLOADS[args.workload]
+        if args.smoke:
+            params = spec.smoke
+        else:
+            params = spec.params_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec.params_cls)})
+        _model_bench(args, spec.name, params, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `radixkv` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _dispatch(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"radixkv: error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

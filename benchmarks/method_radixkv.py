@@ -1,0 +1,60 @@
+"""Method `radixkv`: the model wrapped by `radixkv.wrap`, one request at a time.
+
+Same loop and TTFT streamer as plain `generate`; the prompt tokens read from the prefix cache
+come from the adapter's statistics (`stats.reused_tokens`, or the cache's `stats.hit_tokens`)
+before and after each request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, greedy_config
+from .timing import FirstTokenTimer
+from .workload import Request, Workload
+
+__all__ = ["make_radixkv"]
+
+
+def make_radixkv(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> SequentialMethod:
+    """Serve the workload through `radixkv.wrap(model, ...)`; NotApplicable if it is not installed."""
+    try:
+        import radixkv
+
+        wrapped = radixkv.wrap(
+            model, capacity_tokens=settings.capacity_tokens, block_size=settings.block_size, eviction=settings.eviction
+        )
+    except (ImportError, AttributeError) as exc:
+        raise NotApplicable(f"radixkv.wrap is not available ({exc})") from exc
+    cache = wrapped.cache
+
+    def reused() -> int:
+        # The adapter's own count of prompt tokens whose prefill it skipped, where it has one;
+        # else the cache's matched tokens (the same thing for one row per call).
+        stats = getattr(wrapped, "stats", None)
+        return stats.reused_tokens if hasattr(stats, "reused_tokens") else cache.stats.hit_tokens
+
+    def serve(req: Request) -> RequestResult:
+        ids = torch.tensor([req.prompt], device=model.device)  # [1, T]
+        hits_before = reused()
+        timer = FirstTokenTimer()
+        out = wrapped.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=greedy_config(workload.max_new_tokens),
+            streamer=timer,
+        )
+        cached = reused() - hits_before
+        generated = tuple(out[0, ids.shape[1] :].tolist())
+        return RequestResult(req.key, req.prompt, generated, timer.ttft_s or 0.0, cached, len(req.prompt) - cached)
+
+    def finish() -> dict[str, Any]:
+        cache.check_invariants()
+        stats = cache.stats
+        return {"cache_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {"repr": repr(stats)}}
+
+    return SequentialMethod("radixkv", serve, ttft_note="streamer, per request", finish=finish)

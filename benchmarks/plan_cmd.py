@@ -1,0 +1,90 @@
+"""`radixkv plan`: print the KV memory plan of a model (figures from radixkv.planner)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+from radixkv.planner import KVPlan, ModelShape, dtype_bytes, format_bytes, parse_bytes, plan_scenarios
+
+from .presets import model_shape
+
+__all__ = ["plan_report"]
+
+
+def plan_report(
+    model: str,
+    *,
+    dtype: str = "float16",
+    kv_dtype: str | None = None,
+    memory: str = "80GiB",
+    context: int = 4096,
+    params: float | None = None,
+    as_json: bool = False,
+) -> str:
+    """The text (or JSON) `radixkv plan` prints for `model` (preset, config path or hub id).
+
+    `params` overrides the weight count (e.g. 7e9); `kv_dtype` defaults to `dtype`.
+    Raises ValueError naming the bad argument.
+    """
+    shape = model_shape(model)
+    if params is not None:
+        if params < 0:
+            raise ValueError(f"--params must be >= 0, got {params!r}")
+        shape = replace(shape, num_params=int(params))
+    w_bytes = dtype_bytes(dtype)
+    kv_bytes = dtype_bytes(kv_dtype) if kv_dtype else w_bytes
+    plans = plan_scenarios(
+        shape,
+        weight_bytes_per_element=w_bytes,
+        kv_bytes_per_element=kv_bytes,
+        context=context,
+        memory_bytes=parse_bytes(memory),
+    )
+    if as_json:
+        return json.dumps(
+            {
+                "model": asdict(shape),
+                "dtype": dtype,
+                "kv_dtype": kv_dtype or dtype,
+                "plans": [asdict(p) for p in plans],
+            },
+            indent=1,
+        )
+    return _text(shape, dtype, kv_dtype or dtype, plans)
+
+
+def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan]) -> str:
+    base = plans[0]
+    gqa = ""
+    if shape.num_attention_heads and shape.num_attention_heads != shape.num_kv_heads:
+        gqa = f" (GQA: {shape.num_attention_heads // shape.num_kv_heads} query heads per KV head)"
+    weights = (
+        f"{shape.num_params:,} params x {dtype} = {format_bytes(base.weight_bytes)}"
+        if shape.num_params is not None
+        else "unknown (pass --params to count them)"
+    )
+    lines = [
+        f"model {shape.name}: {shape.num_layers} layers, {shape.num_kv_heads} KV heads{gqa}, head_dim {shape.head_dim}",
+        f"weights: {weights}",
+        f"KV cache ({kv_dtype}): 2 x {shape.num_layers} layers x {shape.num_kv_heads} KV heads x "
+        f"{shape.head_dim} head_dim x {base.kv_bytes_per_element:g} B = {base.bytes_per_token:,} B per token",
+        f"one sequence of {base.context:,} tokens: {format_bytes(base.bytes_per_sequence)}",
+        f"memory {format_bytes(base.memory_bytes)} - weights = {format_bytes(base.kv_budget_bytes)} for KV",
+        "",
+        f"| scenario | KV heads | B/elem | bytes per token | per {base.context:,}-token sequence "
+        "| tokens that fit | sequences that fit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in plans:
+        lines.append(
+            f"| {p.label} | {p.num_kv_heads} | {p.kv_bytes_per_element:g} | {p.bytes_per_token:,} "
+            f"| {format_bytes(p.bytes_per_sequence)} | {p.max_tokens:,} | {p.max_sequences:,} |"
+        )
+    if len(plans) > 1:
+        lines.append("")
+        lines.append(
+            "int8 counts 1 byte per element (per-block scales left out); GQA changes the model, "
+            "not just the cache (it needs a model trained or converted for it)."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""The `radixkv` command: each model workload on a smoke size, the trace sweep, argument errors.
+
+Model benches run in-process on the tiny preset with one torch thread (stable timing on a
+shared 2-core machine); assertions are on results.json figures that a wrong cache would break.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from radixkv.benchmarks.cli import main
+from radixkv.benchmarks.trace import find_trace
+from radixkv.benchmarks.workload import best_hit_tokens
+from radixkv.benchmarks.workloads import WORKLOADS
+
+BLOCK = 16
+
+
+def _bench(workload: str, out: Path, *extra: str) -> dict[str, Any]:
+    argv = ["bench", workload, "--smoke", "--out", str(out), "--no-progress", "--threads", "1", *extra]
+    assert main(argv) == 0
+    return {**json.loads((out / "results.json").read_text()), "_out": str(out)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """results.json of one smoke run per model workload (shared by the tests below)."""
+    return {w: _bench(w, tmp_path_factory.mktemp(w)) for w in WORKLOADS}
+
+
+def _methods(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["method"]: m for m in doc["methods"]}
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_bench_writes_the_plot(results: dict, workload: str) -> None:
+    """Each bench run writes methods.png next to results.json."""
+    assert (Path(results[workload]["_out"]) / "methods.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_every_method_runs_and_produces_the_reference_tokens(results: dict, workload: str) -> None:
+    """Each method either ran and generated exactly plain generate's greedy tokens, or says why not."""
+    doc = results[workload]
+    methods = _methods(doc)
+    assert list(methods) == ["generate", "prompt-reuse", "continuous-batching", "radixkv"]
+    for name in ("generate", "prompt-reuse", "radixkv"):
+        assert methods[name]["status"] == "ok", methods[name]["reason"]
+    assert methods["continuous-batching"]["status"] == "ok" or methods["continuous-batching"]["reason"]
+    for m in doc["methods"]:
+        if m["status"] == "ok" and m["method"] != "generate":
+            assert m["same_tokens"] is True, m["mismatched_requests"]
+            assert m["generated_tokens"] == doc["workload"]["requests"] * doc["workload"]["max_new_tokens"]
+    assert doc["all_same_tokens"] is True
+    assert methods["generate"]["hit_rate"] == 0 and methods["generate"]["prefill_saved_tokens"] == 0
+
+
+def test_system_prompt_radixkv_hits_the_closed_form_bound(results: dict) -> None:
+    """radixkv's token hit rate equals (P-1)*floor(S/B)*B/(P*(S+Q)), and so does the bound computed from the run."""
+    doc = results["system-prompt"]
+    p = doc["workload"]["params"]
+    closed = (
+        (p["prompts_per_group"] - 1)
+        * (p["system_tokens"] // BLOCK)
+        * BLOCK
+        / (p["prompts_per_group"] * (p["system_tokens"] + p["question_tokens"]))
+    )
+    assert doc["workload"]["closed_form_hit_rate"] == pytest.approx(closed)
+    assert doc["workload"]["best_hit_rate"] == pytest.approx(closed)
+    radix = _methods(doc)["radixkv"]
+    assert radix["hit_rate"] == pytest.approx(closed, abs=1e-9)
+    assert radix["prefill_saved_tokens"] == p["groups"] * (p["prompts_per_group"] - 1) * p["system_tokens"]
+
+
+def test_system_prompt_recipe_saves_the_same_prefill_but_pays_the_precompute(results: dict) -> None:
+    """The deepcopy recipe reads the system prompt for every request but computes it once per group."""
+    doc = results["system-prompt"]
+    p = doc["workload"]["params"]
+    recipe = _methods(doc)["prompt-reuse"]
+    assert recipe["hit_tokens"] == p["groups"] * p["prompts_per_group"] * p["system_tokens"]
+    assert recipe["prefill_saved_tokens"] == p["groups"] * (p["prompts_per_group"] - 1) * p["system_tokens"]
+    assert recipe["extra"]["prefixes_precomputed"] == p["groups"]
+
+
+def test_rag_prefix_cache_reaches_the_bound_but_not_the_reordered_documents(results: dict) -> None:
+    """radixkv reaches the unlimited prefix bound; documents seen before in another order stay unreused."""
+    doc = results["rag"]
+    radix = _methods(doc)["radixkv"]
+    assert radix["hit_rate"] == pytest.approx(doc["workload"]["best_hit_rate"], abs=1e-9)
+    assert doc["workload"]["best_hit_rate"] < doc["workload"]["params"]["seen_before_token_rate"]
+
+
+def test_multi_turn_hits_include_the_previous_answers(results: dict) -> None:
+    """Round r reuses the previous prompt + the generated answer (minus its last token), in whole blocks."""
+    doc = results["multi-turn"]
+    radix = _methods(doc)["radixkv"]
+    n_new = doc["workload"]["max_new_tokens"]
+    prompts = {r["key"]: r["prompt_tokens"] for r in radix["per_request"]}
+    later = [r for r in radix["per_request"] if not r["key"].endswith("/r0")]
+    assert later
+    for r in later:
+        conv, rnd = r["key"].rsplit("/r", 1)
+        previous = prompts[f"{conv}/r{int(rnd) - 1}"]
+        assert r["cached_tokens"] == (previous + n_new - 1) // BLOCK * BLOCK > previous
+    assert radix["hit_rate"] == pytest.approx(doc["workload"]["best_hit_rate"], abs=1e-9)
+    assert radix["hit_rate"] > _methods(doc)["prompt-reuse"]["hit_rate"]
+
+
+def test_model_from_a_checkpoint_directory_gives_the_presets_tokens(results: dict, tmp_path: Path) -> None:
+    """--model DIR loads a saved checkpoint; the tiny preset's seeded weights saved there give the same tokens."""
+    from radixkv.benchmarks.presets import load_model
+
+    load_model("tiny", seed=0).save_pretrained(tmp_path / "ckpt")
+    doc = _bench("system-prompt", tmp_path / "out", "--model", str(tmp_path / "ckpt"), "--methods", "generate,radixkv")
+    preset_run = _methods(results["system-prompt"])["generate"]["per_request"]
+    assert [r["generated"] for r in _methods(doc)["generate"]["per_request"]] == [r["generated"] for r in preset_run]
+    assert doc["model"]["params"] == results["system-prompt"]["model"]["params"]
+    assert _methods(doc)["radixkv"]["same_tokens"] is True
+
+
+def test_best_hit_tokens_counts_whole_blocks_and_stored_answers() -> None:
+    """The bound: whole blocks only, capped at len - 1, and a stored answer (minus its last token) counts."""
+    a = tuple(range(40))
+    assert best_hit_tokens([(a, ()), (a, ())], 16) == (32, 80)  # second prompt: 39 -> 2 blocks
+    assert best_hit_tokens([(a[:20], a[20:33]), (a, ())], 16) == (32, 60)  # 20 + 12 stored = 32
+    assert best_hit_tokens([(a[:15], ()), (a, ())], 16) == (0, 55)  # a partial block is never stored
+
+
+def test_trace_sweep_on_the_first_requests(tmp_path: Path) -> None:
+    """`bench trace` replays the trace: hit rate grows with capacity and stays under the unlimited bound."""
+    try:
+        find_trace()
+    except FileNotFoundError:
+        pytest.skip("shared/traces/mooncake_conversation_trace.jsonl not beside the repository")
+    argv = ["bench", "trace", "--limit", "150", "--capacities", "200000,2000000", "--policies", "lru,lfu"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["requests"] == 150 and doc["block_size"] == 512
+    for rates in doc["hit_rate"].values():
+        assert 0 < rates[0] <= rates[1] <= doc["unlimited_hit_rate"] + 1e-12
+    assert (tmp_path / "hit_rate_vs_capacity.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["bench", "rag", "--model", "no-such-model"], "tiny, llama-100m"),
+        (["bench", "rag", "--model", "llama-2-7b"], "shape-only preset"),
+        (["bench", "rag", "--methods", "generate,vllm"], "--methods: unknown vllm"),
+        (["bench", "rag", "--docs", "2", "--docs-per-request", "3"], "docs_per_request (3) must be <= docs (2)"),
+        (["bench", "rag", "--block-size", "0"], "--block-size must be positive"),
+        (["bench", "trace", "--policies", "mru"], "--policies: unknown mru"),
+        (["plan", "--model", "tiny", "--dtype", "float13"], "float13"),
+        (["plan", "--model", "tiny", "--memory", "lots"], "'lots' is not a size"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(
+    argv: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad arguments exit with status 2 and a message naming the argument (and the valid choices)."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *(["--out", str(tmp_path)] if argv[0] == "bench" else [])])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""The KV memory planner: published figures, the arithmetic, and the `radixkv plan` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from radixkv.benchmarks.cli import main
+
+from radixkv.planner import (
+    ModelShape,
+    dtype_bytes,
+    format_bytes,
+    kv_bytes_per_token,
+    parse_bytes,
+    plan,
+    plan_scenarios,
+)
+
+GiB = 2**30
+
+
+def test_llama2_7b_fp16_is_512_kib_per_token_and_2_gib_at_4096() -> None:
+    """Llama-2-7B (32 layers, 32 KV heads, head_dim 128), float16: 524,288 B/token, 2 GiB (2,048 MiB)
+    per 4,096-token sequence (an often shared article prints 1,024 MB; its own formula gives this)."""
+    per_token = kv_bytes_per_token(32, 32, 128, dtype_bytes("float16"))
+    assert per_token == 524_288
+    assert per_token * 4096 == 2 * GiB == 2048 * 2**20
+
+
+def test_80_layers_64_kv_heads_is_2_6_mb_per_token_and_262_gb_at_100k() -> None:
+    """80 layers x 64 KV heads x head_dim 128, float16: 2,621,440 B (~2.6 MB) per token, ~262 GB at 100K."""
+    per_token = kv_bytes_per_token(80, 64, 128, 2)
+    assert per_token == 2_621_440
+    assert round(per_token * 100_000 / 1e9) == 262
+
+
+def test_gqa_8_kv_heads_is_8x_less_and_43_gb_at_128k() -> None:
+    """With 8 KV heads (GQA, as Llama-2-70B has) the same model needs 8x less: ~43 GB at 128K tokens."""
+    per_token = kv_bytes_per_token(80, 8, 128, 2)
+    assert per_token * 8 == kv_bytes_per_token(80, 64, 128, 2)
+    assert round(per_token * 128 * 1024 / 1e9) == 43
+
+
+def test_plan_counts_sequences_after_weights() -> None:
+    """Sequences that fit = (memory - weights) // bytes per sequence, weights at their dtype."""
+    shape = ModelShape("7b", 32, 32, 128, num_attention_heads=32, num_params=6_738_415_616)
+    p = plan(shape, weight_bytes_per_element=2, context=4096, memory_bytes=80 * GiB)
+    assert p.weight_bytes == 2 * 6_738_415_616
+    assert p.kv_budget_bytes == 80 * GiB - 2 * 6_738_415_616
+    assert p.max_sequences == (80 * GiB - 2 * 6_738_415_616) // (2 * GiB) == 33
+    assert p.max_tokens == p.kv_budget_bytes // 524_288
+
+
+def test_plan_weights_larger_than_memory_fit_nothing() -> None:
+    """A budget smaller than the weights leaves 0 bytes for KV, not a negative count."""
+    shape = ModelShape("70b", 80, 8, 128, num_params=68_976_648_192)
+    p = plan(shape, weight_bytes_per_element=2, context=4096, memory_bytes=80 * GiB)
+    assert p.kv_budget_bytes == 0 and p.max_sequences == 0 and p.max_tokens == 0
+
+
+def test_scenarios_int8_halves_fp16_and_gqa_only_when_more_than_8_heads() -> None:
+    """What-ifs: int8 halves a float16 cache; 'GQA 8' appears only for models with more than 8 KV heads;
+    a GQA model also shows itself without GQA (80 layers x 64 KV heads: 2,621,440 B per token)."""
+    mha = plan_scenarios(
+        ModelShape("mha", 32, 32, 128), weight_bytes_per_element=2, context=4096, memory_bytes=80 * GiB
+    )
+    by_label = {p.label: p for p in mha}
+    assert by_label["int8 KV cache"].bytes_per_token * 2 == by_label["as configured"].bytes_per_token
+    assert by_label["GQA, 8 KV heads"].bytes_per_token * 4 == by_label["as configured"].bytes_per_token
+    assert by_label["GQA 8 + int8"].bytes_per_token == 524_288 // 8
+    gqa = plan_scenarios(
+        ModelShape("gqa", 80, 8, 128, num_attention_heads=64), weight_bytes_per_element=2, context=1, memory_bytes=GiB
+    )
+    assert [p.label for p in gqa] == ["as configured", "int8 KV cache", "without GQA (64 KV heads)"]
+    assert gqa[2].bytes_per_token == 2_621_440 == 8 * gqa[0].bytes_per_token
+
+
+def test_parse_and_format_bytes_keep_decimal_and_binary_apart() -> None:
+    """GB is 10**9, GiB 2**30; format_bytes prints both."""
+    assert parse_bytes("80GiB") == 80 * GiB
+    assert parse_bytes("24 GB") == 24 * 10**9
+    assert parse_bytes("1.5MiB") == 1_572_864
+    assert format_bytes(2 * GiB) == "2.15 GB (2.00 GiB)"
+
+
+@pytest.mark.parametrize(
+    ("call", "names"),
+    [
+        (lambda: dtype_bytes("float13"), "float13"),
+        (lambda: parse_bytes("80 gigs"), "80 gigs"),
+        (lambda: kv_bytes_per_token(0, 8, 128, 2), "num_layers"),
+        (lambda: plan(ModelShape("m", 1, 1, 1), weight_bytes_per_element=2, context=0, memory_bytes=1), "context"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_it(call, names: str) -> None:
+    """Bad planner input raises ValueError whose message names the argument or value."""
+    with pytest.raises(ValueError, match=names):
+        call()
+
+
+def test_plan_command_prints_llama2_7b_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """`radixkv plan --model llama-2-7b` prints 524,288 B per token and 2.00 GiB per 4,096-token sequence."""
+    assert main(["plan", "--model", "llama-2-7b", "--memory", "80GiB", "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "524,288 B per token" in out
+    assert "one sequence of 4,096 tokens: 2.15 GB (2.00 GiB)" in out
+    assert "6,738,415,616 params" in out
+    assert "| as configured | 32 | 2 | 524,288 | 2.15 GB (2.00 GiB) |" in out
+
+
+def test_plan_command_json_for_70b_at_128k(capsys: pytest.CaptureFixture[str]) -> None:
+    """Llama-2-70B shape (8 KV heads), float16, 131,072 tokens: 327,680 B/token, ~43 GB per sequence;
+    the int8 what-if halves it."""
+    main(["plan", "--model", "llama-2-70b", "--context", "131072", "--memory", "160GB", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    base, int8, mha = doc["plans"]
+    assert doc["model"]["num_kv_heads"] == 8 and doc["model"]["num_params"] == 68_976_648_192
+    assert base["bytes_per_token"] == 327_680
+    assert round(base["bytes_per_sequence"] / 1e9) == 43
+    assert int8["bytes_per_token"] == 163_840
+    assert mha["bytes_per_token"] == 2_621_440 and mha["label"] == "without GQA (64 KV heads)"
+    assert base["max_sequences"] == (160 * 10**9 - 2 * 68_976_648_192) // (327_680 * 131_072)
+
+
+def test_plan_command_reads_a_config_directory(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--model accepts a directory holding config.json (shape read from it, weights counted on meta)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ).save_pretrained(tmp_path)
+    main(["plan", "--model", str(tmp_path), "--dtype", "float32", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["plans"][0]["bytes_per_token"] == 2 * 3 * 2 * 32 * 4
+
+
+def test_plan_command_unknown_model_lists_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown --model exits with status 2 and a message listing the presets."""
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "no-such-model"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model 'no-such-model'" in err and "llama-2-7b" in err and "tiny" in err
