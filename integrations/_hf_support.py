@@ -92,8 +92,10 @@ def analyze_call(
 ) -> CallPlan | Passthrough:
     """Decide whether one `generate(*args, **kwargs)` call can be served from the cache.
 
-    Never raises for bad input (returns `Passthrough(None)` so that `model.generate` raises its
-    own error). Cost: O(B * T) tensor checks; no forward pass.
+    Bad input returns `Passthrough(None)` so that `model.generate` raises its own error, except
+    where that error is obscure: `input_ids` that is not a tensor (transformers: AttributeError
+    on `.shape`) and `num_beams` < 1 (ZeroDivisionError deep in its loop) raise a TypeError /
+    ValueError naming the argument instead. Cost: O(B * T) tensor checks; no forward pass.
     """
     try:
         bound = signature.bind(*args, **kwargs)
@@ -116,6 +118,10 @@ def analyze_call(
     if inputs is not None and extra.get("input_ids") is not None:
         return Passthrough(None)
     input_ids = inputs if inputs is not None else extra.get("input_ids")
+    if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a torch.Tensor of token ids, shape [batch, sequence], got {type(input_ids).__name__}"
+        )
     if not _is_token_matrix(input_ids, vocab_size):
         return Passthrough(None)
 
@@ -134,7 +140,9 @@ def analyze_call(
         return Passthrough(None)
     num_beams = 1 if generation_config.num_beams is None else generation_config.num_beams
     num_return = 1 if generation_config.num_return_sequences is None else generation_config.num_return_sequences
-    if num_beams < 1 or num_return < 1:  # generate fails on these deep inside its loops
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_return < 1:  # plain generate accepts it and returns no rows
         return Passthrough(None)
 
     reason = _config_reason(generation_config, mode)

@@ -451,7 +451,6 @@ BAD_INPUT: dict[str, tuple[Callable[[torch.Tensor], tuple[tuple[Any, ...], dict[
     "float_ids": (lambda ids: ((ids.float(),), {}), True),
     "mask_shape": (lambda ids: ((ids,), {"attention_mask": torch.ones(1, 3, dtype=torch.long)}), True),
     "unknown_kwarg": (lambda ids: ((ids,), {"not_an_argument": 1}), True),
-    "bad_num_beams": (lambda ids: ((ids,), {"num_beams": 0}), True),
     "streamer_with_beams": (lambda ids: ((ids,), {"num_beams": 2, "streamer": _RaisingStreamer()}), True),
     "too_many_positional": (lambda ids: ((ids, *[None] * 11), {}), True),
     # Only generate's own loop finds these: one lookup is counted, the contents stay unchanged.
