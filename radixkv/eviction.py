@@ -21,8 +21,10 @@ class EvictionPolicy:
     Node statistics maintained by the tree and readable by `key`: `last_access` and `created`
     (logical clock ticks), `hits` (matches that used the node), `priority` (the highest
     priority any insert gave it), `depth_tokens` (tokens before the node), and `block_hashes`.
-    Hooks: `on_evict` is called with the hashes of blocks leaving the tree; `admit` may cap how
-    many new blocks an insert stores. A policy instance serves one cache only.
+    `policy_state` is the policy's own per-node slot (None until it sets it; both halves of a
+    split keep it). Hooks: `on_attach` sees each new node, `on_hit` each node of a matched path
+    (before its statistics change), `on_evict` the hashes of blocks leaving the tree; `admit`
+    may cap how many new blocks an insert stores. A policy instance serves one cache only.
     """
 
     name: ClassVar[str] = ""
@@ -33,6 +35,17 @@ class EvictionPolicy:
     def admit(self, parent: Node, new_hashes: list[int], now: int) -> int:
         """How many of the `new_hashes` blocks (a prefix of them) an insert may store. Default: all."""
         return len(new_hashes)
+
+    def segments(self, new_hashes: list[int]) -> list[int]:
+        """How an insert's new blocks are cut into nodes (a chain, sizes in blocks, summing to
+        `len(new_hashes)`), so that blocks with different histories get separate keys. Default: one node."""
+        return [len(new_hashes)]
+
+    def on_attach(self, node: Node, now: int) -> None:
+        """Called when an insert adds `node` (a new leaf), before its key is taken."""
+
+    def on_hit(self, node: Node, now: int) -> None:
+        """Called for each node of a matched path before its `hits` and `last_access` change."""
 
     def on_evict(self, node: Node, block_hashes: list[int], now: int) -> None:
         """Called when blocks leave the tree by eviction (not by `clear`)."""
@@ -80,7 +93,10 @@ class Priority(EvictionPolicy):
         return (node.priority, node.last_access)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRU, FIFO, LFU, Priority)}
+# Policies with their own file import EvictionPolicy from here, so they are imported last.
+from .reuse_odds import ReuseOdds  # noqa: E402
+
+POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRU, FIFO, LFU, Priority, ReuseOdds)}
 
 
 def make_policy(eviction: str | EvictionPolicy) -> EvictionPolicy:

@@ -19,7 +19,7 @@ class Node:
     __slots__ = (
         "uid", "parent", "children", "tokens", "block_ids", "block_hashes", "lock_ref",
         "last_access", "created", "hits", "priority", "depth_tokens", "evict_key", "detached",
-        "ns_key", "root_hash",
+        "ns_key", "root_hash", "policy_state",
     )  # fmt: skip
 
     def __init__(self, uid: int, parent: Node | None, now: int) -> None:
@@ -39,6 +39,7 @@ class Node:
         self.detached = False
         self.ns_key: bytes = b""
         self.root_hash = 0
+        self.policy_state: object = None  # owned by the eviction policy
 
     @property
     def last_hash(self) -> int:
@@ -143,6 +144,7 @@ class RadixTree:
         upper.lock_ref = child.lock_ref
         upper.last_access, upper.created = child.last_access, child.created
         upper.hits, upper.priority = child.hits, child.priority
+        upper.policy_state = child.policy_state
         upper.depth_tokens = child.depth_tokens
         child.depth_tokens += k * bs
         parent.children[tuple(upper.tokens[:bs])] = upper
@@ -171,9 +173,10 @@ class RadixTree:
                 if node.evict_key is not None:
                     self._remove_evictable(node)
             node.lock_ref += 1
-            node.last_access = now
             if hit:
+                self.policy.on_hit(node, now)  # before the statistics change: it reads the last use
                 node.hits += 1
+            node.last_access = now
             if priority is not None and priority > node.priority:
                 node.priority = priority
             node = node.parent
@@ -197,16 +200,30 @@ class RadixTree:
 
     # ----- growth ----------------------------------------------------------------------
     def attach(self, parent: Node, tokens: list[int], block_ids: list[int], hashes: list[int], priority: int) -> Node:
-        """Add a new unlocked leaf under `parent` (which must not have a child with that key)."""
-        node = self._new_node(parent)
-        node.tokens, node.block_ids, node.block_hashes = tokens, block_ids, hashes
-        node.priority = priority
-        node.depth_tokens = parent.depth_tokens + len(parent.tokens)
-        parent.children[tuple(tokens[: self.block_size])] = node
+        """Add new unlocked blocks under `parent` (which must not have a child with that key) as
+        a chain of nodes cut where `policy.segments` says (one node by default); returns the leaf."""
+        bs = self.block_size
+        sizes = self.policy.segments(hashes)
+        assert sum(sizes) == len(hashes) and all(n > 0 for n in sizes), f"bad segments {sizes} of {len(hashes)}"
         if parent.evict_key is not None:  # it is a leaf no more
             self._remove_evictable(parent)
-        self.num_blocks += len(block_ids)
-        self.num_nodes += 1
+        start = 0
+        node = parent
+        for n in sizes:
+            node = self._new_node(parent)
+            end = start + n
+            if n == len(hashes):  # one node: take the lists as they are, no copy
+                node.tokens, node.block_ids, node.block_hashes = tokens, block_ids, hashes
+            else:
+                node.tokens, node.block_ids = tokens[start * bs : end * bs], block_ids[start:end]
+                node.block_hashes = hashes[start:end]
+            node.priority = priority
+            node.depth_tokens = parent.depth_tokens + len(parent.tokens)
+            parent.children[tuple(node.tokens[:bs])] = node
+            self.num_blocks += n
+            self.num_nodes += 1
+            self.policy.on_attach(node, self._clock)
+            parent, start = node, end
         self._add_evictable(node)
         return node
 
