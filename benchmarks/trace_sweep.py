@@ -21,13 +21,15 @@ from tqdm.auto import tqdm
 
 from radixkv import POLICIES, PrefixCache
 
+from .optimum import optimum_hit_tokens
 from .plots import plot_hit_rate_curves
 from .trace import TINY_SPEC, TRACE_BLOCK, TraceRequest, find_trace, load_trace, replay
 
 __all__ = ["DEFAULT_CAPACITIES", "run_trace_sweep", "unlimited_hit_tokens"]
 
-DEFAULT_CAPACITIES = (640_000, 1_280_000, 2_560_000, 5_120_000, 10_240_000, 20_480_000)
-DEFAULT_POLICIES = ("lru", "lfu", "fifo")  # `priority` equals its tie-break here: the trace has no priorities
+OPTIMUM = "offline optimum"
+DEFAULT_CAPACITIES = (500_000, 1_000_000, 2_560_000, 5_000_000, 10_000_000)
+DEFAULT_POLICIES = ("lru", "fifo", "lfu", "reuse")  # `priority` equals its tie-break here: the trace has no priorities
 
 
 def unlimited_hit_tokens(requests: Sequence[TraceRequest], block_size: int) -> tuple[int, int]:
@@ -105,6 +107,10 @@ def run_trace_sweep(
             runs.append({"policy": policy, "capacity_tokens": capacity, **asdict(result)})
             del cache
     bar.close()
+    # The offline optimum (farthest next use, knows the future): the ceiling any policy is judged against.
+    curves[OPTIMUM] = [
+        optimum_hit_tokens(requests, c, block_size).hit_tokens / total if total else 0.0 for c in capacities
+    ]
     doc = {
         "trace": str(path),
         "requests": len(requests),
