@@ -38,15 +38,6 @@ _SMALL = {
 _MODELS: dict[str, Any] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(family: str) -> Any:
     t = transformers
     if family == "llama":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -27,15 +27,6 @@ VOCAB = 128
 GREEDY: dict[str, Any] = {"max_new_tokens": 4, "do_sample": False}
 Generate = Callable[..., Any]
 _MODEL: list[Any] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one intra-op thread (and the 2 cores stay free for the test threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model() -> Any:
