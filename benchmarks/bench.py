@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from radixkv import DEFAULT_EVICTION
+
 from .compare import BenchResult, run_methods
 from .methods import METHODS, BenchSettings
 from .plots import plot_methods
@@ -31,7 +33,7 @@ class ModelBenchArgs:
     dtype: str = "float32"
     capacity_tokens: int = 32768
     block_size: int = 16
-    eviction: str = "lru"
+    eviction: str = DEFAULT_EVICTION
     seed: int = 0
     methods: tuple[str, ...] = tuple(METHODS)
     out: Path | None = None

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from radixkv import POLICIES
+from radixkv import DEFAULT_EVICTION, POLICIES
 
 from .methods import METHODS
 from .presets import PRESETS
@@ -33,7 +33,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--capacity-tokens", type=int, default=32768, help="cache capacity in tokens (default: 32768)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default: 16)")
-    p.add_argument("--eviction", default="lru", choices=list(POLICIES), help="radixkv eviction policy (default: lru)")
+    p.add_argument(
+        "--eviction",
+        default=DEFAULT_EVICTION,
+        choices=list(POLICIES),
+        help=f"radixkv eviction policy (default: {DEFAULT_EVICTION})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
     p.add_argument(
         "--methods",

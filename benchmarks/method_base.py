@@ -19,6 +19,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from radixkv import DEFAULT_EVICTION
+
 from .workload import Request, Tokens, Workload
 
 __all__ = [
@@ -42,7 +44,7 @@ class BenchSettings:
 
     capacity_tokens: int
     block_size: int
-    eviction: str = "lru"
+    eviction: str = DEFAULT_EVICTION
     progress: bool = True
 
 

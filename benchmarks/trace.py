@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from radixkv import KVSpec, PrefixCache
+from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
 
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
 TRACE_BLOCK = 512
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace", type=Path, default=None, help="trace path (default: shared/traces/ beside the repo)")
     p.add_argument("--capacity-tokens", type=int, default=2_560_000)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--eviction", default="lru")
+    p.add_argument("--eviction", default=DEFAULT_EVICTION, choices=list(POLICIES))
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)

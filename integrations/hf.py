@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from radixkv import EvictionPolicy, PrefixCache, PrefixMatch
+from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
 
 from ._hf_kv import LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
@@ -96,7 +96,7 @@ class CachedModel:
         capacity_tokens: int | None = None,
         capacity_bytes: int | None = None,
         block_size: int = 16,
-        eviction: str | EvictionPolicy = "lru",
+        eviction: str | EvictionPolicy = DEFAULT_EVICTION,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -273,7 +273,7 @@ def wrap(
     capacity_tokens: int | None = None,
     capacity_bytes: int | None = None,
     block_size: int = 16,
-    eviction: str | EvictionPolicy = "lru",
+    eviction: str | EvictionPolicy = DEFAULT_EVICTION,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 

@@ -9,13 +9,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cache import CacheStats, PrefixCache, PrefixMatch
-from .eviction import POLICIES, EvictionPolicy
+from .eviction import DEFAULT_EVICTION, POLICIES, EvictionPolicy
 from .spec import KVSpec
 
 if TYPE_CHECKING:
     from .integrations.hf import CachedModel
 
-__all__ = ["POLICIES", "CacheStats", "EvictionPolicy", "KVSpec", "PrefixCache", "PrefixMatch", "wrap"]
+__all__ = [
+    "DEFAULT_EVICTION",
+    "POLICIES",
+    "CacheStats",
+    "EvictionPolicy",
+    "KVSpec",
+    "PrefixCache",
+    "PrefixMatch",
+    "wrap",
+]
 __version__ = "0.1.0"
 
 

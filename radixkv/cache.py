@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .blocks import BlockAllocator
-from .eviction import EvictionPolicy, make_policy
+from .eviction import DEFAULT_EVICTION, EvictionPolicy, make_policy
 from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from .pool import KVPool, LayerKV
 from .spec import KVSpec
@@ -111,6 +111,8 @@ class PrefixCache:
       - `insert(ids, kv)` stores the whole blocks not yet cached, reusing cached ones untouched;
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
+      - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
+        The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
       - Entries in different namespaces never share nodes or blocks.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
@@ -128,7 +130,7 @@ class PrefixCache:
         capacity_tokens: int | None = None,
         capacity_bytes: int | None = None,
         block_size: int = 16,
-        eviction: str | EvictionPolicy = "lru",
+        eviction: str | EvictionPolicy = DEFAULT_EVICTION,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")

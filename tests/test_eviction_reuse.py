@@ -12,7 +12,7 @@ from radixkv.benchmarks.optimum import optimum_hit_tokens
 from radixkv.benchmarks.trace import TINY_SPEC, TraceRequest, replay
 from radixkv.benchmarks.trace_sweep import unlimited_hit_tokens
 
-from radixkv import POLICIES, PrefixCache
+from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 from radixkv.ghost import EvictedRuns, checkpoints
 from radixkv.reuse_odds import ReuseOdds, _exponential_mean, _observed_mean
 
@@ -54,6 +54,13 @@ def test_reuse_is_registered_and_selected_by_name() -> None:
     assert POLICIES["reuse"] is ReuseOdds
     a, b = _cache(8), _cache(8)
     assert isinstance(a.policy, ReuseOdds) and a.policy is not b.policy
+
+
+def test_reuse_is_the_default_policy() -> None:
+    """A cache built without `eviction` gets DEFAULT_EVICTION, which is "reuse"."""
+    assert DEFAULT_EVICTION == "reuse"
+    cache = PrefixCache(SPEC, capacity_tokens=8 * BS, block_size=BS)
+    assert isinstance(cache.policy, ReuseOdds)
 
 
 @pytest.mark.parametrize(

@@ -507,3 +507,11 @@ def test_rule7_model_changed_after_wrap_raises() -> None:
     with pytest.raises(RuntimeError, match="wrap it again"):
         cached.generate(ids, **GREEDY)
     no_locks(cached)
+
+
+def test_wrap_uses_the_default_policy_unless_told() -> None:
+    _, default = fresh("llama")
+    _, lru = fresh("llama", eviction="lru")
+    assert default.cache is not None and lru.cache is not None
+    assert default.cache.policy.name == radixkv.DEFAULT_EVICTION == "reuse"
+    assert lru.cache.policy.name == "lru"
