@@ -48,12 +48,15 @@ class AdapterStats:
     prompt_tokens: real (unpadded) prompt tokens of cached calls. reused_tokens: prompt tokens
     whose prefill was skipped. `cache.stats.hit_tokens` counts matched tokens, which exceed
     reused_tokens in batches where another row's longer uncached suffix had to be computed.
+    weight_changes: times a call found the weights changed since the previous one (and dropped
+    the cache).
     """
 
     calls: int
     uncached_calls: int
     prompt_tokens: int
     reused_tokens: int
+    weight_changes: int = 0
 
 
 class CachedModel:
@@ -84,7 +87,12 @@ class CachedModel:
          A model whose weights changed dtype or device since `wrap` raises RuntimeError.
     Costs per cached call: one `match` per row (O(tokens) hashing), one copy of the reused KV
     (none extra for a single unpadded row), one insert per returned row (copies new blocks).
-    The cache assumes fixed weights: call `cache.clear()` after changing weights or adapters.
+    Weights: each cached call first checks every parameter's identity, storage and in-place
+    version counter (optimizer steps, `load_state_dict`, `p.add_()` under no_grad all bump it);
+    on a change it drops the cache and keys new entries by a new weights epoch, so KV computed by
+    old weights is never reused, even when a call that was already running inserts after the
+    change. Not seen: edits through `p.data` in place, and switching LoRA adapters without
+    touching parameters (e.g. PEFT `set_adapter`); call `cache.clear()` after those.
     Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
@@ -106,6 +114,8 @@ class CachedModel:
         self._signature = generate_signature(model.generate)
         self._lock = threading.Lock()
         self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
+        self._weight_changes = 0
+        self._epoch = 0  # namespace of this cache's entries: bumped when the weights change
         self.unsupported_reason: str | None = model_unsupported_reason(model)
         self._model_kv: ModelKV | None = None
         self._weights = _weights_dtype_device(model)
@@ -128,6 +138,8 @@ class CachedModel:
             )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
+        self._watch = _WeightsWatch(model)  # after the probe's forward pass, which may add buffers
+        self._weights_version = self._watch.version()
 
     def __repr__(self) -> str:
         state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
@@ -136,7 +148,9 @@ class CachedModel:
     @property
     def stats(self) -> AdapterStats:
         with self._lock:
-            return AdapterStats(self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens)
+            return AdapterStats(
+                self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._weight_changes
+            )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract."""
@@ -161,6 +175,7 @@ class CachedModel:
             raise RuntimeError(
                 f"the model moved from {self._weights} to {weights} since radixkv.wrap; wrap it again for a new cache"
             )
+        epoch = self._current_epoch()
         ids, mask = plan.input_ids, plan.attention_mask
         width = ids.shape[1]
         lengths: list[int] = (mask != 0).sum(dim=1).tolist()
@@ -171,7 +186,7 @@ class CachedModel:
         try:
             for prompt in prompts:
                 # At most len - 1 tokens: generate must compute at least one prompt token.
-                matches.append(cache.match(prompt[:-1]))
+                matches.append(cache.match(prompt[:-1], namespace=_namespace(epoch)))
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
             gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
         finally:
@@ -187,8 +202,21 @@ class CachedModel:
         out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
         self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        self._insert(plan, layout, prompts, sequences, past)
+        self._insert(plan, layout, prompts, sequences, past, epoch)
         return out
+
+    def _current_epoch(self) -> int:
+        """The weights epoch for a call starting now: a new one, and an empty cache, when any
+        parameter changed since the last call (entries of older epochs are never matched)."""
+        with self._lock:
+            version = self._watch.version()
+            if version != self._weights_version:
+                self._weights_version = version
+                self._epoch += 1
+                self._weight_changes += 1
+                assert self.cache is not None
+                self.cache.clear()
+            return self._epoch
 
     def _insert(
         self,
@@ -197,6 +225,7 @@ class CachedModel:
         prompts: Sequence[list[int]],
         sequences: torch.Tensor,
         past: Any,
+        epoch: int,
     ) -> None:
         """Store each returned row's prompt + output KV (prompts only for beam search)."""
         cache = self.cache
@@ -210,7 +239,7 @@ class CachedModel:
             # then only the prompt columns, filled by the prefill, are known to be right.)
             for i, prompt in enumerate(prompts):
                 start = width - len(prompt)
-                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec))
+                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), epoch)
             return
         generated = sequences[:, width:]  # [B * expand, N]
         n_keep = _lengths_to_eos(generated, plan.eos_token_ids)
@@ -220,12 +249,12 @@ class CachedModel:
             # Column j of the cache holds the KV of sequences[:, j]; the last token has none.
             stop = min(width + keep, kv_columns)
             tokens = prompt + generated[r, : stop - width].tolist()
-            self._insert_row(tokens, row_kv(past, r, start, stop, spec))
+            self._insert_row(tokens, row_kv(past, r, start, stop, spec), epoch)
 
-    def _insert_row(self, tokens: list[int], kv: list[LayerKV]) -> None:
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV], epoch: int) -> None:
         assert self.cache is not None
         if len(tokens) >= self.cache.block_size:
-            self.cache.insert(tokens, kv)
+            self.cache.insert(tokens, kv, namespace=_namespace(epoch))
 
     def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
         with self._lock:
@@ -238,6 +267,56 @@ class CachedModel:
 def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None:
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return None if param is None else (param.dtype, param.device)
+
+
+def _namespace(epoch: int) -> int | None:
+    """The cache namespace of a weights epoch: the default one for the weights as wrapped."""
+    return epoch or None
+
+
+class _WeightsWatch:
+    """Tells when any parameter or buffer of a model may have changed since the last look.
+
+    A version is (identity, storage, in-place version counter) of every tensor: optimizer steps,
+    `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in place
+    through `p.data` do not. Walking the module tree is most of the cost (~2 us a tensor), so the
+    tensor list is kept and walked again only after some module anywhere registered a parameter,
+    buffer or submodule (global registration hooks: new LoRA layers, replaced modules).
+    Then a look costs ~0.2 us a tensor.
+    """
+
+    _structure = 0  # bumped by the registration hooks
+    _hooked = False
+
+    def __init__(self, model: Any) -> None:
+        _WeightsWatch._install_hooks()
+        self.model = model
+        self._seen = -1
+        self._tensors: list[torch.Tensor] = []
+
+    @classmethod
+    def _install_hooks(cls) -> None:
+        if cls._hooked:
+            return
+        from torch.nn.modules import module as nn_module
+
+        def bump(*_args: Any) -> None:
+            cls._structure += 1
+
+        nn_module.register_module_parameter_registration_hook(bump)
+        nn_module.register_module_buffer_registration_hook(bump)
+        nn_module.register_module_module_registration_hook(bump)
+        cls._hooked = True
+
+    def version(self) -> tuple[int, ...]:
+        if self._seen != _WeightsWatch._structure:
+            self._seen = _WeightsWatch._structure
+            model = self.model
+            self._tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
+        out: list[int] = []
+        for t in self._tensors:
+            out += (id(t), t.data_ptr(), t._version)
+        return tuple(out)
 
 
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:

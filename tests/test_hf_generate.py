@@ -515,3 +515,83 @@ def test_wrap_uses_the_default_policy_unless_told() -> None:
     assert default.cache is not None and lru.cache is not None
     assert default.cache.policy.name == radixkv.DEFAULT_EVICTION == "reuse"
     assert lru.cache.policy.name == "lru"
+
+
+# ----- rule 8: KV computed by other weights is never reused ----------------------------------
+def _own_llama() -> Any:
+    """A llama of its own (these tests change its weights)."""
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"))
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def _nudge(model: Any) -> None:
+    """One optimizer step: the in-place weight change of a training loop between generates."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.enable_grad():  # generate runs its callbacks under no_grad
+        model(torch.tensor([tokens(12, 99)]), labels=torch.tensor([tokens(12, 99)])).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_rule8_a_weight_update_drops_the_cache_and_the_next_call_matches_plain() -> None:
+    model = _own_llama()
+    cached = radixkv.wrap(model, capacity_tokens=2048, block_size=BLOCK)
+    ids = torch.tensor([tokens(30, 20)])
+    before, _ = both(model, cached, ids)
+    both(model, cached, ids)
+    reused = cached.stats.reused_tokens
+    assert reused > 0  # the cache works while the weights stay
+    _nudge(model)
+    ours, plain = both(model, cached, ids)
+    assert_same_output(ours, plain)
+    assert max(float((a - b).abs().max()) for a, b in zip(before.scores, plain.scores, strict=True)) > 1e-3
+    assert cached.stats.weight_changes == 1 and cached.stats.reused_tokens == reused
+    no_locks(cached)
+
+
+def test_rule8_a_replaced_module_counts_as_a_weight_change() -> None:
+    """E.g. adapter layers swapped in: the watch walks the modules again after any registration."""
+    model = _own_llama()
+    cached = radixkv.wrap(model, capacity_tokens=2048, block_size=BLOCK)
+    ids = torch.tensor([tokens(30, 23)])
+    both(model, cached, ids)
+    old = model.model.layers[0].self_attn.k_proj
+    torch.manual_seed(5)
+    model.model.layers[0].self_attn.k_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    ours, plain = both(model, cached, ids)
+    assert_same_output(ours, plain)
+    assert cached.stats.weight_changes == 1 and cached.stats.reused_tokens == 0
+    no_locks(cached)
+
+
+class _NudgeOnce(transformers.StoppingCriteria):
+    """Changes the weights at the first decoding step, then runs `during` (another generate)."""
+
+    def __init__(self, model: Any, during: Callable[[], Any]) -> None:
+        self.model, self.during, self.done = model, during, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        if not self.done:
+            self.done = True
+            _nudge(self.model)
+            self.during()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_rule8_a_call_that_outlives_a_weight_update_stores_where_no_later_call_looks() -> None:
+    model = _own_llama()
+    cached = radixkv.wrap(model, capacity_tokens=2048, block_size=BLOCK)
+    ids, other = torch.tensor([tokens(30, 21)]), torch.tensor([tokens(30, 22)])
+    # The first call prefills with the old weights; while it decodes, the weights change and a
+    # second call starts (and drops the cache); the first then stores KV of the old weights.
+    criteria = _NudgeOnce(model, lambda: cached.generate(other, **GREEDY))
+    cached.generate(ids, stopping_criteria=transformers.StoppingCriteriaList([criteria]), **GREEDY)
+    assert criteria.done and cached.stats.weight_changes == 1
+    reused = cached.stats.reused_tokens
+    ours, plain = both(model, cached, ids)
+    assert_same_output(ours, plain)
+    assert cached.stats.reused_tokens == reused  # the stale entries were not matched
+    no_locks(cached)
