@@ -87,12 +87,13 @@ class CachedModel:
          A model whose weights changed dtype or device since `wrap` raises RuntimeError.
     Costs per cached call: one `match` per row (O(tokens) hashing), one copy of the reused KV
     (none extra for a single unpadded row), one insert per returned row (copies new blocks).
-    Weights: each cached call first checks every parameter's identity, storage and in-place
-    version counter (optimizer steps, `load_state_dict`, `p.add_()` under no_grad all bump it);
-    on a change it drops the cache and keys new entries by a new weights epoch, so KV computed by
-    old weights is never reused, even when a call that was already running inserts after the
-    change. Not seen: edits through `p.data` in place, and switching LoRA adapters without
-    touching parameters (e.g. PEFT `set_adapter`); call `cache.clear()` after those.
+    Weights: each cached call first checks every parameter's and buffer's identity, storage and
+    in-place version counter (optimizer steps, `load_state_dict`, `p.add_()` under no_grad, a
+    replaced module); on a change it drops the cache and keys new entries by a new weights epoch,
+    so KV computed by old weights is never reused, even when a call that was already running
+    inserts after the change. Adapter layers (PEFT LoRA etc.: active adapters, disabled, merged)
+    pick the namespace instead: switching adapters keeps each adapter's entries apart and warm.
+    Not seen: in-place edits through `p.data`; call `cache.clear()` after those.
     Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
@@ -115,7 +116,7 @@ class CachedModel:
         self._lock = threading.Lock()
         self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
         self._weight_changes = 0
-        self._epoch = 0  # namespace of this cache's entries: bumped when the weights change
+        self._epoch = 0  # bumped when a weight tensor changes (and the cache is dropped)
         self.unsupported_reason: str | None = model_unsupported_reason(model)
         self._model_kv: ModelKV | None = None
         self._weights = _weights_dtype_device(model)
@@ -139,7 +140,7 @@ class CachedModel:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self._watch = _WeightsWatch(model)  # after the probe's forward pass, which may add buffers
-        self._weights_version = self._watch.version()
+        self._tensors_version, _ = self._watch.look()
 
     def __repr__(self) -> str:
         state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
@@ -175,7 +176,7 @@ class CachedModel:
             raise RuntimeError(
                 f"the model moved from {self._weights} to {weights} since radixkv.wrap; wrap it again for a new cache"
             )
-        epoch = self._current_epoch()
+        namespace = self._namespace()
         ids, mask = plan.input_ids, plan.attention_mask
         width = ids.shape[1]
         lengths: list[int] = (mask != 0).sum(dim=1).tolist()
@@ -186,7 +187,7 @@ class CachedModel:
         try:
             for prompt in prompts:
                 # At most len - 1 tokens: generate must compute at least one prompt token.
-                matches.append(cache.match(prompt[:-1], namespace=_namespace(epoch)))
+                matches.append(cache.match(prompt[:-1], namespace=namespace))
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
             gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
         finally:
@@ -202,21 +203,22 @@ class CachedModel:
         out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
         self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        self._insert(plan, layout, prompts, sequences, past, epoch)
+        self._insert(plan, layout, prompts, sequences, past, namespace)
         return out
 
-    def _current_epoch(self) -> int:
-        """The weights epoch for a call starting now: a new one, and an empty cache, when any
-        parameter changed since the last call (entries of older epochs are never matched)."""
+    def _namespace(self) -> object:
+        """The cache namespace for a call starting now: (weights epoch, adapter state), None for
+        the weights as wrapped without adapters. A changed weight tensor starts a new epoch and
+        drops the cache (entries of older epochs are never matched)."""
         with self._lock:
-            version = self._watch.version()
-            if version != self._weights_version:
-                self._weights_version = version
+            tensors, adapters = self._watch.look()
+            if tensors != self._tensors_version:
+                self._tensors_version = tensors
                 self._epoch += 1
                 self._weight_changes += 1
                 assert self.cache is not None
                 self.cache.clear()
-            return self._epoch
+            return (self._epoch, adapters) if self._epoch or adapters else None
 
     def _insert(
         self,
@@ -225,7 +227,7 @@ class CachedModel:
         prompts: Sequence[list[int]],
         sequences: torch.Tensor,
         past: Any,
-        epoch: int,
+        namespace: object,
     ) -> None:
         """Store each returned row's prompt + output KV (prompts only for beam search)."""
         cache = self.cache
@@ -239,7 +241,7 @@ class CachedModel:
             # then only the prompt columns, filled by the prefill, are known to be right.)
             for i, prompt in enumerate(prompts):
                 start = width - len(prompt)
-                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), epoch)
+                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), namespace)
             return
         generated = sequences[:, width:]  # [B * expand, N]
         n_keep = _lengths_to_eos(generated, plan.eos_token_ids)
@@ -249,12 +251,12 @@ class CachedModel:
             # Column j of the cache holds the KV of sequences[:, j]; the last token has none.
             stop = min(width + keep, kv_columns)
             tokens = prompt + generated[r, : stop - width].tolist()
-            self._insert_row(tokens, row_kv(past, r, start, stop, spec), epoch)
+            self._insert_row(tokens, row_kv(past, r, start, stop, spec), namespace)
 
-    def _insert_row(self, tokens: list[int], kv: list[LayerKV], epoch: int) -> None:
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object) -> None:
         assert self.cache is not None
         if len(tokens) >= self.cache.block_size:
-            self.cache.insert(tokens, kv, namespace=_namespace(epoch))
+            self.cache.insert(tokens, kv, namespace=namespace)
 
     def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
         with self._lock:
@@ -269,20 +271,17 @@ def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None
     return None if param is None else (param.dtype, param.device)
 
 
-def _namespace(epoch: int) -> int | None:
-    """The cache namespace of a weights epoch: the default one for the weights as wrapped."""
-    return epoch or None
-
-
 class _WeightsWatch:
-    """Tells when any parameter or buffer of a model may have changed since the last look.
+    """Tells when any parameter or buffer of a model may have changed, and which adapters are on.
 
-    A version is (identity, storage, in-place version counter) of every tensor: optimizer steps,
-    `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in place
-    through `p.data` do not. Walking the module tree is most of the cost (~2 us a tensor), so the
-    tensor list is kept and walked again only after some module anywhere registered a parameter,
-    buffer or submodule (global registration hooks: new LoRA layers, replaced modules).
-    Then a look costs ~0.2 us a tensor.
+    The tensor version is (identity, storage, in-place version counter) of every tensor: optimizer
+    steps, `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in
+    place through `p.data` do not. The adapter state is that of every adapter layer (PEFT's tuner
+    layers: active adapters, disabled, merged), which `set_adapter`, `disable_adapters` and merges
+    change without touching a parameter's version. Walking the module tree is most of the cost (~2 us a
+    tensor), so the tensor and adapter-layer lists are kept and walked again only after some
+    module anywhere registered a parameter, buffer or submodule (global registration hooks: new
+    LoRA layers, replaced modules). Then a look costs ~0.3 us a tensor (+ ~1.5 us an adapter layer).
     """
 
     _structure = 0  # bumped by the registration hooks
@@ -293,6 +292,7 @@ class _WeightsWatch:
         self.model = model
         self._seen = -1
         self._tensors: list[torch.Tensor] = []
+        self._adapter_layers: list[Any] = []
 
     @classmethod
     def _install_hooks(cls) -> None:
@@ -308,15 +308,34 @@ class _WeightsWatch:
         nn_module.register_module_module_registration_hook(bump)
         cls._hooked = True
 
-    def version(self) -> tuple[int, ...]:
+    def look(self) -> tuple[tuple[int, ...], tuple[object, ...]]:
+        """(tensor version, adapter state): the adapter state is () without adapter layers, one
+        layer's state when all layers agree (the usual case), else every layer's."""
         if self._seen != _WeightsWatch._structure:
             self._seen = _WeightsWatch._structure
             model = self.model
             self._tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
-        out: list[int] = []
+            modules = model.modules() if hasattr(model, "modules") else ()
+            self._adapter_layers = [m for m in modules if _is_adapter_layer(m)]
+        tensors: list[int] = []
         for t in self._tensors:
-            out += (id(t), t.data_ptr(), t._version)
-        return tuple(out)
+            tensors += (id(t), t.data_ptr(), t._version)
+        states = [
+            (tuple(m.active_adapters), bool(m.disable_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers
+        ]
+        adapters = tuple(states[:1]) if len(set(states)) == 1 else tuple(states)
+        return tuple(tensors), adapters
+
+
+def _is_adapter_layer(module: Any) -> bool:
+    """A PEFT tuner layer (LoRA and others), recognised by its public properties, not by import:
+    `active_adapters` and `disable_adapters` as properties, and `merged_adapters`."""
+    cls = type(module)
+    return (
+        isinstance(getattr(cls, "active_adapters", None), property)
+        and isinstance(getattr(cls, "disable_adapters", None), property)
+        and hasattr(module, "merged_adapters")
+    )
 
 
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:

@@ -567,6 +567,42 @@ def test_rule8_a_replaced_module_counts_as_a_weight_change() -> None:
     no_locks(cached)
 
 
+def _lora_llama() -> Any:
+    """A llama with two LoRA adapters on q/k/v (random, non-zero), "a" active."""
+    from peft import LoraConfig
+
+    model = _own_llama()
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) + ord(name))
+        lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+        with warnings.catch_warnings():  # peft warns that a second adapter makes several: intended
+            warnings.simplefilter("ignore", UserWarning)
+            model.add_adapter(lora, adapter_name=name)
+    model.set_adapter("a")
+    return model
+
+
+def test_rule8_each_lora_adapter_gets_its_own_entries_and_switching_back_hits() -> None:
+    model = _lora_llama()
+    cached = radixkv.wrap(model, capacity_tokens=4096, block_size=BLOCK)
+    ids = torch.tensor([tokens(30, 24)])
+    first_a, _ = both(model, cached, ids)
+    model.set_adapter("b")
+    ours, plain = both(model, cached, ids)  # without the adapter state in the key: a's KV, wrong
+    assert_same_output(ours, plain)
+    assert max(float((x - y).abs().max()) for x, y in zip(first_a.scores, plain.scores, strict=True)) > 1e-3
+    assert cached.stats.reused_tokens == 0
+    model.set_adapter("a")
+    ours, plain = both(model, cached, ids)
+    assert_same_output(ours, plain)
+    assert cached.stats.reused_tokens == floor_block(29)  # a's entries survived b's turn
+    model.disable_adapters()
+    ours, plain = both(model, cached, ids)
+    assert_same_output(ours, plain)
+    assert cached.stats.reused_tokens == floor_block(29) and cached.stats.weight_changes == 0
+    no_locks(cached)
+
+
 class _NudgeOnce(transformers.StoppingCriteria):
     """Changes the weights at the first decoding step, then runs `during` (another generate)."""
 
