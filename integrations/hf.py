@@ -30,6 +30,7 @@ from ._hf_support import (
     generate_signature,
     model_unsupported_reason,
 )
+from ._hf_weights import WeightsWatch
 
 __all__ = ["DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats", "CachedModel",
            "UncachedWarning", "wrap"]  # fmt: skip
@@ -139,7 +140,7 @@ class CachedModel:
             )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
-        self._watch = _WeightsWatch(model)  # after the probe's forward pass, which may add buffers
+        self._watch = WeightsWatch(model)  # after the probe's forward pass, which may add buffers
         self._tensors_version, _ = self._watch.look()
 
     def __repr__(self) -> str:
@@ -269,73 +270,6 @@ class CachedModel:
 def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None:
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return None if param is None else (param.dtype, param.device)
-
-
-class _WeightsWatch:
-    """Tells when any parameter or buffer of a model may have changed, and which adapters are on.
-
-    The tensor version is (identity, storage, in-place version counter) of every tensor: optimizer
-    steps, `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in
-    place through `p.data` do not. The adapter state is that of every adapter layer (PEFT's tuner
-    layers: active adapters, disabled, merged), which `set_adapter`, `disable_adapters` and merges
-    change without touching a parameter's version. Walking the module tree is most of the cost (~2 us a
-    tensor), so the tensor and adapter-layer lists are kept and walked again only after some
-    module anywhere registered a parameter, buffer or submodule (global registration hooks: new
-    LoRA layers, replaced modules). Then a look costs ~0.3 us a tensor (+ ~1.5 us an adapter layer).
-    """
-
-    _structure = 0  # bumped by the registration hooks
-    _hooked = False
-
-    def __init__(self, model: Any) -> None:
-        _WeightsWatch._install_hooks()
-        self.model = model
-        self._seen = -1
-        self._tensors: list[torch.Tensor] = []
-        self._adapter_layers: list[Any] = []
-
-    @classmethod
-    def _install_hooks(cls) -> None:
-        if cls._hooked:
-            return
-        from torch.nn.modules import module as nn_module
-
-        def bump(*_args: Any) -> None:
-            cls._structure += 1
-
-        nn_module.register_module_parameter_registration_hook(bump)
-        nn_module.register_module_buffer_registration_hook(bump)
-        nn_module.register_module_module_registration_hook(bump)
-        cls._hooked = True
-
-    def look(self) -> tuple[tuple[int, ...], tuple[object, ...]]:
-        """(tensor version, adapter state): the adapter state is () without adapter layers, one
-        layer's state when all layers agree (the usual case), else every layer's."""
-        if self._seen != _WeightsWatch._structure:
-            self._seen = _WeightsWatch._structure
-            model = self.model
-            self._tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
-            modules = model.modules() if hasattr(model, "modules") else ()
-            self._adapter_layers = [m for m in modules if _is_adapter_layer(m)]
-        tensors: list[int] = []
-        for t in self._tensors:
-            tensors += (id(t), t.data_ptr(), t._version)
-        states = [
-            (tuple(m.active_adapters), bool(m.disable_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers
-        ]
-        adapters = tuple(states[:1]) if len(set(states)) == 1 else tuple(states)
-        return tuple(tensors), adapters
-
-
-def _is_adapter_layer(module: Any) -> bool:
-    """A PEFT tuner layer (LoRA and others), recognised by its public properties, not by import:
-    `active_adapters` and `disable_adapters` as properties, and `merged_adapters`."""
-    cls = type(module)
-    return (
-        isinstance(getattr(cls, "active_adapters", None), property)
-        and isinstance(getattr(cls, "disable_adapters", None), property)
-        and hasattr(module, "merged_adapters")
-    )
 
 
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
