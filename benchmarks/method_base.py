@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from time import perf_counter, process_time
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from radixkv import DEFAULT_EVICTION
 
+from .timing import FirstTokenTimer
 from .workload import Request, Tokens, Workload
 
 __all__ = [
@@ -124,6 +126,28 @@ def greedy_config(max_new_tokens: int) -> GenerationConfig:
     Fresh per call because some callers (continuous batching) mutate the config they get.
     """
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def generate_streamed(
+    generate: Callable[..., Any],
+    prompt: Tokens,
+    device: Any,
+    max_new_tokens: int,
+    timer: FirstTokenTimer | None = None,
+    **extra: Any,
+) -> tuple[Tokens, float]:
+    """One greedy request of batch 1 through `generate` (a model's or a wrapper's), TTFT from a
+    streamer: (generated tokens, seconds from `timer`'s creation, now when None, to the first)."""
+    timer = timer or FirstTokenTimer()
+    ids = torch.tensor([list(prompt)], device=device)  # [1, T]
+    out = generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=greedy_config(max_new_tokens),
+        streamer=timer,
+        **extra,
+    )
+    return tuple(out[0, ids.shape[1] :].tolist()), timer.ttft_s or 0.0
 
 
 @dataclass

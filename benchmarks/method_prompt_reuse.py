@@ -15,7 +15,7 @@ import copy
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, greedy_config
+from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, generate_streamed
 from .timing import FirstTokenTimer
 from .workload import Request, Tokens, Workload
 
@@ -42,16 +42,15 @@ def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: Benc
                 model(torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
             stored[prefix] = cache
             computed += len(prefix)
-        ids = torch.tensor([req.prompt], device=model.device)  # [1, T]
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
+        generated, ttft = generate_streamed(
+            model.generate,
+            req.prompt,
+            model.device,
+            workload.max_new_tokens,
+            timer,  # started before the prefix was computed: its first request's TTFT includes that
             past_key_values=copy.deepcopy(stored[prefix]),
-            generation_config=greedy_config(workload.max_new_tokens),
-            streamer=timer,
         )
-        generated = tuple(out[0, ids.shape[1] :].tolist())
-        return RequestResult(req.key, req.prompt, generated, timer.ttft_s or 0.0, len(prefix), computed)
+        return RequestResult(req.key, req.prompt, generated, ttft, len(prefix), computed)
 
     return SequentialMethod(
         "prompt-reuse",

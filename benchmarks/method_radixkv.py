@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
-from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, greedy_config
-from .timing import FirstTokenTimer
+from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, generate_streamed
 from .workload import Request, Workload
 
 __all__ = ["make_radixkv"]
@@ -39,18 +37,10 @@ def make_radixkv(model: PreTrainedModel, workload: Workload, settings: BenchSett
         return stats.reused_tokens if hasattr(stats, "reused_tokens") else cache.stats.hit_tokens
 
     def serve(req: Request) -> RequestResult:
-        ids = torch.tensor([req.prompt], device=model.device)  # [1, T]
         hits_before = reused()
-        timer = FirstTokenTimer()
-        out = wrapped.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            generation_config=greedy_config(workload.max_new_tokens),
-            streamer=timer,
-        )
+        generated, ttft = generate_streamed(wrapped.generate, req.prompt, model.device, workload.max_new_tokens)
         cached = reused() - hits_before
-        generated = tuple(out[0, ids.shape[1] :].tolist())
-        return RequestResult(req.key, req.prompt, generated, timer.ttft_s or 0.0, cached, len(req.prompt) - cached)
+        return RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
 
     def finish() -> dict[str, Any]:
         cache.check_invariants()

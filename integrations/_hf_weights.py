@@ -15,10 +15,11 @@ class WeightsWatch:
     steps, `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in
     place through `p.data` do not. The adapter state is that of every adapter layer (PEFT's tuner
     layers: active adapters, disabled, merged), which `set_adapter`, `disable_adapters` and merges
-    change without touching a parameter's version. Walking the module tree is most of the cost (~2 us a
-    tensor), so the tensor and adapter-layer lists are kept and walked again only after some
-    module anywhere registered a parameter, buffer or submodule (global registration hooks: new
-    LoRA layers, replaced modules). Then a look costs ~0.3 us a tensor (+ ~1.5 us an adapter layer).
+    change without touching a parameter's version. Walking the module tree is most of the cost
+    (~2 us a tensor), so the tensor and adapter-layer lists are kept and walked again only after
+    some module anywhere registered a parameter, buffer or submodule (global registration hooks:
+    new LoRA layers, replaced modules). Then a look costs ~0.3 us a tensor (+ ~1.5 us an adapter
+    layer).
     """
 
     _structure = 0  # bumped by the registration hooks

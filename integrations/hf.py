@@ -116,8 +116,7 @@ class CachedModel:
         self._signature = generate_signature(model.generate)
         self._lock = threading.Lock()
         self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
-        self._weight_changes = 0
-        self._epoch = 0  # bumped when a weight tensor changes (and the cache is dropped)
+        self._epoch = 0  # weight changes seen so far: each one drops the cache and keys entries anew
         self.unsupported_reason: str | None = model_unsupported_reason(model)
         self._model_kv: ModelKV | None = None
         self._weights = _weights_dtype_device(model)
@@ -151,7 +150,7 @@ class CachedModel:
     def stats(self) -> AdapterStats:
         with self._lock:
             return AdapterStats(
-                self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._weight_changes
+                self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._epoch
             )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -216,7 +215,6 @@ class CachedModel:
             if tensors != self._tensors_version:
                 self._tensors_version = tensors
                 self._epoch += 1
-                self._weight_changes += 1
                 assert self.cache is not None
                 self.cache.clear()
             return (self._epoch, adapters) if self._epoch or adapters else None
