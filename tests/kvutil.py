@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 
 from radixkv import KVSpec, PrefixCache
@@ -59,3 +62,24 @@ def cached_prefixes(cache: PrefixCache) -> set[tuple[bytes, tuple[int, ...]]]:
                 out.add((ns, path))
             stack.append((child, ns, path))
     return out
+
+
+def run_threads(worker: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
+    """Run worker(0) .. worker(n - 1) in n threads at once; fail if one is stuck, and re-raise
+    the first exception any of them raised (assertions included) in the calling thread."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            worker(i)
+        except BaseException as exc:  # reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock?)"
+    if errors:
+        raise errors[0]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import random
-import threading
 import tracemalloc
 
 import psutil
 import pytest
 import torch
-from kvutil import cached_prefixes, kv_for, make_cache
+from kvutil import cached_prefixes, kv_for, make_cache, run_threads
 
 from radixkv.pool import KVPool
 
@@ -17,34 +16,24 @@ from radixkv.pool import KVPool
 def test_eight_threads_sharing_one_cache_get_correct_kv_and_leave_no_lock() -> None:
     cache = make_cache(capacity_tokens=40 * 4, block_size=4)  # small: eviction under contention
     systems = [[s] * 12 for s in range(4)]
-    errors: list[BaseException] = []
     checked = [0]
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            for _ in range(150):
-                ids = rng.choice(systems) + [rng.randrange(50) for _ in range(rng.randrange(1, 10))]
-                with cache.match(ids[:-1]) as m:
-                    if m.num_tokens:
-                        got = cache.gather(m)
-                        want = kv_for(ids)
-                        assert all(
-                            torch.equal(gk, wk[:, :, : m.num_tokens]) and torch.equal(gv, wv[:, :, : m.num_tokens])
-                            for (gk, gv), (wk, wv) in zip(got, want, strict=True)
-                        ), "a thread read KV of another prefix"
-                        checked[0] += 1
-                cache.insert(ids, kv_for(ids))
-        except BaseException as exc:  # reported to the main thread
-            errors.append(exc)
+        for _ in range(150):
+            ids = rng.choice(systems) + [rng.randrange(50) for _ in range(rng.randrange(1, 10))]
+            with cache.match(ids[:-1]) as m:
+                if m.num_tokens:
+                    got = cache.gather(m)
+                    want = kv_for(ids)
+                    assert all(
+                        torch.equal(gk, wk[:, :, : m.num_tokens]) and torch.equal(gv, wv[:, :, : m.num_tokens])
+                        for (gk, gv), (wk, wv) in zip(got, want, strict=True)
+                    ), "a thread read KV of another prefix"
+                    checked[0] += 1
+            cache.insert(ids, kv_for(ids))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock?)"
-    assert not errors, errors[0]
+    run_threads(worker, 8)
     cache.check_invariants()
     s = cache.stats
     assert s.locked_tokens == 0 and s.live_matches == 0

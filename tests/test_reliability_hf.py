@@ -7,14 +7,13 @@ fresh `CachedModel`. Greedy outputs must be token-identical to plain `model.gene
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 import torch
-from kvutil import cached_prefixes, fingerprint
+from kvutil import cached_prefixes, fingerprint, run_threads
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,27 +87,17 @@ def test_eight_threads_sharing_one_cached_model_get_the_uncached_outputs_and_lea
     prompts = [p + tokens(1 + (7 * i) % 9, 100 + i) for i, p in enumerate(shared * 6)]
     prompts += [tokens(3 + (5 * i) % 20, 200 + i) for i in range(10)]  # distinct ones, 3..22 tokens
     references = [model.generate(row(p), **GREEDY) for p in prompts]
-    errors: list[BaseException] = []
     done = [0] * THREADS
 
     def worker(t: int) -> None:
         rng = random.Random(t)
-        try:
-            for _ in range(REQUESTS):
-                i = rng.randrange(len(prompts))
-                out = cached.generate(row(prompts[i]), **GREEDY)
-                assert torch.equal(out, references[i]), f"thread {t}: prompt {i} gave {out} != {references[i]}"
-                done[t] += 1
-        except BaseException as exc:  # reported to the main thread
-            errors.append(exc)
+        for _ in range(REQUESTS):
+            i = rng.randrange(len(prompts))
+            out = cached.generate(row(prompts[i]), **GREEDY)
+            assert torch.equal(out, references[i]), f"thread {t}: prompt {i} gave {out} != {references[i]}"
+            done[t] += 1
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "a thread is stuck (deadlock?)"
-    assert not errors, errors[0]
+    run_threads(worker, THREADS)
     assert done == [REQUESTS] * THREADS
     assert_no_lock(cache)
     s = cache.stats
