@@ -58,7 +58,8 @@ class ReuseOdds(EvictionPolicy):
       ghost_entries: most evicted runs remembered.
       max_count: use counts at or above this share one class.
       update_every: ticks between refreshes of the per-class offsets (and decay steps).
-      window: the statistics' time constant, in mean reuse gaps.
+      window: the statistics' time constant, in mean reuse gaps; above 1, since p_f's correction
+        for reaches too recent to have been reused divides by (window - 1).
     """
 
     name: ClassVar[str] = "reuse"
@@ -72,8 +73,8 @@ class ReuseOdds(EvictionPolicy):
         for arg, value in (("ghost_entries", ghost_entries), ("max_count", max_count), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        if not window > 0:
-            raise ValueError(f"window must be > 0, got {window!r}")
+        if not window > 1:
+            raise ValueError(f"window must be > 1 (mean reuse gaps), got {window!r}")
         self.ghost = EvictedRuns(ghost_entries)
         self.max_count = max_count
         self.update_every = update_every

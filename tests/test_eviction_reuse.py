@@ -65,10 +65,17 @@ def test_reuse_is_the_default_policy() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"ghost_entries": 0}, {"max_count": 0}, {"update_every": True}, {"window": 0.0}, {"ghost_entries": 1.5}],
+    [
+        {"ghost_entries": 0},
+        {"max_count": 0},
+        {"update_every": True},
+        {"window": 0.0},
+        {"window": 1.0},
+        {"ghost_entries": 1.5},
+    ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict) -> None:
-    """Every size must be a positive int (window a positive number); the message names it."""
+    """Every size must be a positive int (window a number above 1); the message names it."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         ReuseOdds(**kwargs)
 
