@@ -73,7 +73,7 @@ class ReuseOdds(EvictionPolicy):
         for arg, value in (("ghost_entries", ghost_entries), ("max_count", max_count), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        if not window > 1:
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 1:
             raise ValueError(f"window must be > 1 (mean reuse gaps), got {window!r}")
         self.ghost = EvictedRuns(ghost_entries)
         self.max_count = max_count

@@ -71,6 +71,7 @@ def test_reuse_is_the_default_policy() -> None:
         {"update_every": True},
         {"window": 0.0},
         {"window": 1.0},
+        {"window": "4"},
         {"ghost_entries": 1.5},
     ],
 )
