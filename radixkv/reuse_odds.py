@@ -58,7 +58,7 @@ class ReuseOdds(EvictionPolicy):
       ghost_entries: most evicted runs remembered.
       max_count: use counts at or above this share one class.
       update_every: ticks between refreshes of the per-class offsets (and decay steps).
-      window: the statistics' time constant, in mean reuse gaps; above 1, since p_f's correction
+      window: the statistics' time constant, in mean reuse gaps; finite and above 1, since p_f's correction
         for reaches too recent to have been reused divides by (window - 1).
     """
 
@@ -73,8 +73,8 @@ class ReuseOdds(EvictionPolicy):
         for arg, value in (("ghost_entries", ghost_entries), ("max_count", max_count), ("update_every", update_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
-        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 1:
-            raise ValueError(f"window must be > 1 (mean reuse gaps), got {window!r}")
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 1 < window < math.inf:
+            raise ValueError(f"window must be a finite number > 1 (mean reuse gaps), got {window!r}")
         self.ghost = EvictedRuns(ghost_entries)
         self.max_count = max_count
         self.update_every = update_every
@@ -178,7 +178,7 @@ class ReuseOdds(EvictionPolicy):
         # by that exposure keeps p_f unbiased while the cache is young, not only in the long run.
         d_eff = max(d, self.update_every)
         span = self.window * d_eff
-        scale = span / (span - d_eff)
+        scale = self.window / (self.window - 1.0)  # W / (W - D) with W = window * D
         for f in range(1, top + 1):
             # p_f = P(one more use | f uses); the last class pools every count >= max_count.
             if f < top:

@@ -72,11 +72,12 @@ def test_reuse_is_the_default_policy() -> None:
         {"window": 0.0},
         {"window": 1.0},
         {"window": "4"},
+        {"window": float("inf")},
         {"ghost_entries": 1.5},
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict) -> None:
-    """Every size must be a positive int (window a number above 1); the message names it."""
+    """Every size must be a positive int (window a finite number above 1); the message names it."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         ReuseOdds(**kwargs)
 
