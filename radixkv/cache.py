@@ -16,6 +16,7 @@ from .blocks import BlockAllocator
 from .eviction import DEFAULT_EVICTION, EvictionPolicy, make_policy
 from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from .pool import KVPool, LayerKV
+from .quant import kv_bytes_per_token, make_quantizer
 from .spec import KVSpec
 from .tokens import TokenIds, as_token_list
 from .tree import Node, RadixTree
@@ -43,6 +44,8 @@ class CacheStats:
     capacity_bytes: int
     num_nodes: int
     live_matches: int
+    bytes_per_token: int = 0  # pool bytes per cached token (codes and scales when kv_dtype is set)
+    kv_dtype: str | None = None  # None: stored exactly in the spec's dtype
 
     @property
     def hit_rate(self) -> float:
@@ -111,6 +114,11 @@ class PrefixCache:
       - `insert(ids, kv)` stores the whole blocks not yet cached, reusing cached ones untouched;
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
+      - `kv_dtype` None (default) stores KV exactly: gather returns the inserted values bit for bit.
+        "int8" / "int4" store it quantised (radixkv.quant.KVQuantizer: per token and head,
+        scales included, about 1.9x / 3.6x the float16 tokens in the same bytes); gather then
+        returns approximations in the spec's dtype, and models reusing them give slightly
+        different outputs than without the cache.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
         The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
       - Entries in different namespaces never share nodes or blocks.
@@ -131,10 +139,13 @@ class PrefixCache:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        kv_dtype: str | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")
         _check_int("block_size", block_size, minimum=1)
+        quantizer = make_quantizer(kv_dtype, spec)
+        per_token = kv_bytes_per_token(spec, quantizer)
         if (capacity_tokens is None) == (capacity_bytes is None):
             raise ValueError("give exactly one of capacity_tokens or capacity_bytes")
         if capacity_tokens is not None:
@@ -142,18 +153,20 @@ class PrefixCache:
             which, tokens = "capacity_tokens", capacity_tokens
         else:
             _check_int("capacity_bytes", capacity_bytes, minimum=1)
-            which, tokens = "capacity_bytes", capacity_bytes // spec.bytes_per_token  # type: ignore[operator]
+            which, tokens = "capacity_bytes", capacity_bytes // per_token  # type: ignore[operator]
         num_blocks = tokens // block_size
         if num_blocks < 1:
             raise ValueError(
                 f"{which}={capacity_tokens if capacity_tokens is not None else capacity_bytes} is smaller "
-                f"than one block ({block_size} tokens x {spec.bytes_per_token} bytes)"
+                f"than one block ({block_size} tokens x {per_token} bytes)"
             )
-        _check_fits(which, num_blocks * block_size * spec.bytes_per_token, spec.device)
+        _check_fits(which, num_blocks * block_size * per_token, spec.device)
         self.spec = spec
         self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self.bytes_per_token = per_token
         self.policy = make_policy(eviction)
-        self._pool = KVPool(spec, num_blocks, block_size)
+        self._pool = KVPool(spec, num_blocks, block_size, quantizer)
         self._blocks = BlockAllocator(num_blocks)
         self._tree = RadixTree(block_size, self.policy)
         self._lock = threading.RLock()
@@ -184,6 +197,8 @@ class PrefixCache:
                 capacity_bytes=self._pool.nbytes,
                 num_nodes=self._tree.num_nodes,
                 live_matches=len(self._live),
+                bytes_per_token=self.bytes_per_token,
+                kv_dtype=self.kv_dtype,
             )
 
     def reset_stats(self) -> None:

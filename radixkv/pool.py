@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .quant import KVQuantizer
 from .spec import KVSpec
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -20,23 +21,33 @@ class KVPool:
     `[L, 2, H, T, D]` that per-layer `[1, H, T, D]` views need, so a gather is one copy.
     Allocated once at construction; never resized. Thread safety comes from the cache: writes
     go only to blocks that no one else can reach yet, reads only to locked blocks.
+
+    With a `quantizer` (kv_dtype "int8" / "int4") the same layout holds codes instead,
+    `codes` `[L, 2, H, num_blocks, block_size, code_dim]` and float16 `scales`
+    `[L, 2, H, num_blocks, block_size, scale_dim]`: `write` quantises and `gather` dequantises
+    back to `spec.dtype`, a few tensor ops per layer each (K and V of a layer together).
     """
 
-    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int) -> None:
+    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, quantizer: KVQuantizer | None = None) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.quantizer = quantizer
         # zeros, not empty: commit every page now, so no request pays for first-touch faults
         # and resident memory does not grow after construction.
-        self.data = torch.zeros(
-            (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size, spec.head_dim),
-            dtype=spec.dtype,
-            device=spec.device,
-        )
+        lead = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size)
+        if quantizer is None:
+            self.data = torch.zeros((*lead, spec.head_dim), dtype=spec.dtype, device=spec.device)
+            self._tensors = (self.data,)
+        else:
+            self.codes = torch.zeros((*lead, quantizer.code_dim), dtype=quantizer.code_dtype, device=spec.device)
+            self.scales = torch.zeros((*lead, quantizer.scale_dim), dtype=torch.float16, device=spec.device)
+            self._tensors = (self.codes, self.scales)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        """Bytes of the pool's tensors (codes and scales when quantised)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors)
 
     def write(self, block_ids: list[int], kv: Sequence[LayerKV], start: int) -> None:
         """Copy tokens `[start, start + len(block_ids) * block_size)` of `kv` into `block_ids`.
@@ -51,12 +62,19 @@ class KVPool:
         spec, bs = self.spec, self.block_size
         end = start + n * bs
         idx = self._index(block_ids)
+        quant = self.quantizer
         for layer, (k, v) in enumerate(kv):
             # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
             src_k = k[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
             src_v = v[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
-            self.data[layer, 0].index_copy_(1, idx, src_k)
-            self.data[layer, 1].index_copy_(1, idx, src_v)
+            if quant is None:
+                self.data[layer, 0].index_copy_(1, idx, src_k)
+                self.data[layer, 1].index_copy_(1, idx, src_v)
+                continue
+            for which, src in ((0, src_k), (1, src_v)):
+                codes, scales = quant.quantize(src)  # [H, n, bs, code_dim], [H, n, bs, scale_dim]
+                self.codes[layer, which].index_copy_(1, idx, codes)
+                self.scales[layer, which].index_copy_(1, idx, scales)
 
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
         """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.
@@ -68,9 +86,11 @@ class KVPool:
         n = len(block_ids)
         spec, bs = self.spec, self.block_size
         if n == 0:
-            empty = self.data.new_empty((1, spec.num_kv_heads, 0, spec.head_dim))
+            empty = torch.empty((1, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype, device=spec.device)
             return [(empty.clone(), empty.clone()) for _ in range(spec.num_layers)]
         idx = self._index(block_ids)
+        if self.quantizer is not None:
+            return self._gather_quantized(idx, n)
         per_block = self.data.view(spec.num_layers, 2, spec.num_kv_heads, self.num_blocks, bs * spec.head_dim)
         out: list[LayerKV] = []
         for layer in range(spec.num_layers):
@@ -79,6 +99,23 @@ class KVPool:
             out.append((k, v))
         return out
 
+    def _gather_quantized(self, idx: torch.Tensor, n: int) -> list[LayerKV]:
+        """Dequantising gather: per layer, select K and V codes and scales together, then one
+        dequantise into `[2, H, n * bs, D]` whose halves are the layer's K and V."""
+        spec, bs, quant = self.spec, self.block_size, self.quantizer
+        assert quant is not None
+        lead = (spec.num_layers, 2, spec.num_kv_heads, self.num_blocks)
+        codes = self.codes.view(*lead, bs * quant.code_dim)
+        scales = self.scales.view(*lead, bs * quant.scale_dim)
+        shape = (2, spec.num_kv_heads, n * bs)
+        out: list[LayerKV] = []
+        for layer in range(spec.num_layers):
+            c = codes[layer].index_select(2, idx).view(*shape, quant.code_dim)  # [2, H, n * bs, code_dim]
+            s = scales[layer].index_select(2, idx).view(*shape, quant.scale_dim)
+            kv = quant.dequantize(c, s, spec.dtype)  # [2, H, n * bs, D]
+            out.append((kv[0:1], kv[1:2]))
+        return out
+
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.
-        return torch.frombuffer(array("q", block_ids), dtype=torch.int64).to(self.data.device)
+        return torch.frombuffer(array("q", block_ids), dtype=torch.int64).to(self.spec.device)

@@ -1,0 +1,121 @@
+"""Quantised KV: how int8 / int4 codes and their scales represent K and V, and the math both ways."""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import KVSpec
+
+__all__ = ["KV_DTYPES", "KVQuantizer", "kv_bytes_per_token", "make_quantizer"]
+
+KV_DTYPES: tuple[str, ...] = ("int8", "int4")
+"""The `kv_dtype` values that store blocks quantised; None (the default) stores them exactly."""
+
+SCALE_DTYPE = torch.float16
+_FP16_MAX = 65504.0
+# Scales are rounded up to float16 by at most one part in 2**11: widening them by 2**-10 first
+# guarantees the stored scale still covers the group's range, so no code is ever clamped.
+_WIDEN = 1.0 + 2.0**-10
+
+
+class KVQuantizer:
+    """Codes and float16 scales for one token's K (or V) of one head, in groups along head_dim.
+
+    Each token, head and group of `group` channels (default: the whole head_dim) gets its own
+    scale, so an outlier token or head costs only its own precision, and blocks stay independent
+    (a block's codes never depend on another block: blocks are shared between prefixes).
+
+    - "int8": symmetric. code q in [-127, 127], x ~ q * s, s = absmax / 127. One float16 per group.
+    - "int4": asymmetric. code q in [0, 15], x ~ q * s + m, m = min, s = (max - min) / 15. Two
+      float16 per group (s, m). Two codes per byte: byte j of a token-head holds channel j in its
+      low nibble and channel j + head_dim / 2 in its high nibble, so unpacking is two bit ops and
+      one concatenation, with no interleave.
+    Error bound per element: |x - dequantize(quantize(x))| <= s / 2 (+ rounding of the output
+    dtype), s being the element's group scale. Values beyond the float16 range (|x| > 65504 for
+    int4, > 65504 * 127 for int8) are clipped; KV of trained models stays far inside it.
+    Costs: quantize about ten elementwise tensor ops, dequantize two to five; no Python loop over
+    blocks, tokens or heads.
+    """
+
+    def __init__(self, kv_dtype: str, head_dim: int, group: int | None = None) -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be None or one of {', '.join(map(repr, KV_DTYPES))}, got {kv_dtype!r}")
+        group = head_dim if group is None else group
+        if kv_dtype == "int4" and head_dim % 2:
+            raise ValueError(f"kv_dtype='int4' packs two channels per byte and needs an even head_dim, got {head_dim}")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1 or head_dim % group:
+            raise ValueError(f"group must be a positive int dividing head_dim {head_dim}, got {group!r}")
+        self.kv_dtype = kv_dtype
+        self.head_dim = head_dim
+        self.group = group
+        self.num_groups = head_dim // group
+        self.bits = 8 if kv_dtype == "int8" else 4
+        self.symmetric = kv_dtype == "int8"
+        self.code_dtype = torch.int8 if self.symmetric else torch.uint8
+        self.code_dim = head_dim if self.bits == 8 else head_dim // 2
+        self.scale_dim = self.num_groups if self.symmetric else 2 * self.num_groups  # float16 per token-head
+
+    @property
+    def bytes_per_element(self) -> float:
+        """Storage per K or V element, scales included."""
+        return (self.code_dim + 2 * self.scale_dim) / self.head_dim
+
+    def __repr__(self) -> str:
+        return f"KVQuantizer({self.kv_dtype!r}, head_dim={self.head_dim}, group={self.group})"
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x` [..., head_dim] (any float dtype) -> (codes [..., code_dim], scales [..., scale_dim] float16)."""
+        shape = x.shape[:-1]
+        g = x.float().reshape(*shape, self.num_groups, self.group)  # [..., G, group]
+        if self.symmetric:
+            absmax = g.abs().amax(dim=-1, keepdim=True)  # [..., G, 1]
+            s = (absmax * (_WIDEN / 127)).clamp_(min=2.0**-24, max=_FP16_MAX).to(SCALE_DTYPE)
+            q = torch.round(g / s.float()).clamp_(-127, 127).to(torch.int8)
+            return q.reshape(*shape, self.head_dim), s.reshape(*shape, self.num_groups)
+        lo, hi = g.aminmax(dim=-1, keepdim=True)  # [..., G, 1] each
+        # Round the minimum down so that every code is >= 0 after float16 rounding.
+        m = (lo - lo.abs() * 2.0**-10).clamp_(-_FP16_MAX, _FP16_MAX).to(SCALE_DTYPE)
+        mf = m.float()
+        s = ((hi - mf) * (_WIDEN / 15)).clamp_(min=2.0**-24, max=_FP16_MAX).to(SCALE_DTYPE)
+        q = torch.round((g - mf) / s.float()).clamp_(0, 15).to(torch.uint8).reshape(*shape, self.head_dim)
+        half = self.head_dim // 2
+        packed = q[..., :half] | (q[..., half:] << 4)  # [..., head_dim / 2]
+        scales = torch.cat((s, m), dim=-1).reshape(*shape, 2 * self.num_groups)  # (s, m) per group
+        return packed, scales
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(codes [..., code_dim], scales [..., scale_dim]) -> [..., head_dim] in `dtype`, fresh memory."""
+        shape = codes.shape[:-1]
+        sc = scales.to(dtype)
+        if self.symmetric:
+            if self.num_groups == 1:
+                return torch.mul(codes, sc)  # int8 x float -> float: one kernel
+            q = codes.view(*shape, self.num_groups, self.group)
+            return torch.mul(q, sc.unsqueeze(-1)).view(*shape, self.head_dim)
+        q = torch.cat((codes & 15, codes >> 4), dim=-1)  # [..., head_dim] uint8, channels in order
+        sm = sc.view(*shape, self.num_groups, 2)
+        s, m = sm[..., 0:1], sm[..., 1:2]  # [..., G, 1]
+        if self.num_groups == 1:
+            return torch.addcmul(m.squeeze(-1), q, s.squeeze(-1))
+        out = torch.addcmul(m, q.view(*shape, self.num_groups, self.group), s)
+        return out.view(*shape, self.head_dim)
+
+
+def make_quantizer(kv_dtype: object, spec: KVSpec) -> KVQuantizer | None:
+    """The quantizer for `kv_dtype` (None: exact storage). Raises TypeError / ValueError naming kv_dtype."""
+    if kv_dtype is None:
+        return None
+    if not isinstance(kv_dtype, str):
+        raise TypeError(f"kv_dtype must be None or a str ({', '.join(KV_DTYPES)}), got {type(kv_dtype).__name__}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be None or one of {', '.join(map(repr, KV_DTYPES))}, got {kv_dtype!r}")
+    if not spec.dtype.is_floating_point:
+        raise ValueError(f"kv_dtype={kv_dtype!r} quantises floating point KV; the spec's dtype is {spec.dtype}")
+    return KVQuantizer(kv_dtype, spec.head_dim)
+
+
+def kv_bytes_per_token(spec: KVSpec, quantizer: KVQuantizer | None) -> int:
+    """Pool bytes one token takes: `spec.bytes_per_token` exact, codes + scales when quantised."""
+    if quantizer is None:
+        return spec.bytes_per_token
+    return 2 * spec.num_layers * spec.num_kv_heads * (quantizer.code_dim + 2 * quantizer.scale_dim)
