@@ -107,6 +107,7 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        kv_dtype: str | None = None,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -136,6 +137,7 @@ class CachedModel:
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                kv_dtype=kv_dtype,
             )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
@@ -304,12 +306,15 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    kv_dtype: str | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
     neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
-    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size` and `eviction` go to `PrefixCache`.
+    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction` and `kv_dtype` go to `PrefixCache`:
+    `kv_dtype="int8"` / `"int4"` stores reused KV quantised (about 1.9x / 3.5x the tokens of float16 per byte),
+    and then outputs differ slightly from plain `generate`; the default (None) keeps them equal.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
@@ -320,4 +325,5 @@ def wrap(
         capacity_bytes=capacity_bytes,
         block_size=block_size,
         eviction=eviction,
+        kv_dtype=kv_dtype,
     )
