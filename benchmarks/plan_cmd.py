@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
-from radixkv.planner import KVPlan, ModelShape, dtype_bytes, format_bytes, parse_bytes, plan_scenarios
+from radixkv.planner import (
+    KVPlan,
+    ModelShape,
+    dtype_bytes,
+    format_bytes,
+    parse_bytes,
+    plan_scenarios,
+    quantized_bytes_per_token,
+)
 
 from .presets import model_shape
 
@@ -84,7 +92,13 @@ def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan]) -> 
     if len(plans) > 1:
         lines.append("")
         lines.append(
-            "int8 counts 1 byte per element (per-block scales left out); GQA changes the model, "
+            "int8 / int4 count 1 / 0.5 byte per element, scales left out; GQA changes the model, "
             "not just the cache (it needs a model trained or converted for it)."
+        )
+        lines.append(
+            "radixkv's PrefixCache(kv_dtype=...) with its float16 scales: "
+            f"int8 {quantized_bytes_per_token(shape, 'int8'):,} B per token, "
+            f"int4 {quantized_bytes_per_token(shape, 'int4'):,} B per token "
+            "(quantised reuse: outputs differ slightly from exact)."
         )
     return "\n".join(lines)

@@ -33,6 +33,7 @@ __all__ = [
     "parse_bytes",
     "plan",
     "plan_scenarios",
+    "quantized_bytes_per_token",
     "scenarios",
 ]
 
@@ -212,17 +213,32 @@ class Scenario:
     kv_bytes_per_element: float
 
 
-def scenarios(shape: ModelShape, kv_bytes_per_element: float) -> list[Scenario]:
-    """The what-ifs `radixkv plan` prints: as configured, an int8 cache, GQA with 8 KV heads
-    (only when the model has more than 8; also combined with int8), and for a GQA model the
-    same model without GQA (one KV head per query head: what GQA saves).
+def quantized_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
+    """Bytes per token of radixkv's quantised pool (`PrefixCache(kv_dtype=...)`), scales included.
 
-    An int8 cache is counted at 1 byte per element; per-block scales (a few bytes per block) are
-    left out, so real int8 caches are a little larger.
+    Per token, layer, K/V and KV head: "int8" stores head_dim codes of 1 byte and one float16
+    scale; "int4" head_dim / 2 bytes of packed codes and two float16 numbers (scale and minimum).
+    (The format is radixkv.quant's; tests check that the two agree.)
+    """
+    per_head = {"int8": shape.head_dim + 2, "int4": shape.head_dim // 2 + 4}
+    if kv_dtype not in per_head:
+        raise ValueError(f"kv_dtype must be 'int8' or 'int4', got {kv_dtype!r}")
+    return 2 * shape.num_layers * shape.num_kv_heads * per_head[kv_dtype]
+
+
+def scenarios(shape: ModelShape, kv_bytes_per_element: float) -> list[Scenario]:
+    """The what-ifs `radixkv plan` prints: as configured, an int8 and an int4 cache, GQA with 8
+    KV heads (only when the model has more than 8; also combined with int8), and for a GQA model
+    the same model without GQA (one KV head per query head: what GQA saves).
+
+    int8 / int4 caches are counted at 1 / 0.5 byte per element; their scales are left out here
+    (`quantized_bytes_per_token` gives radixkv's real sizes, which `radixkv plan` prints too).
     """
     out = [Scenario("as configured", shape.num_kv_heads, kv_bytes_per_element)]
     if kv_bytes_per_element > 1:
         out.append(Scenario("int8 KV cache", shape.num_kv_heads, 1))
+    if kv_bytes_per_element > 0.5:
+        out.append(Scenario("int4 KV cache", shape.num_kv_heads, 0.5))
     if shape.num_kv_heads > 8:
         out.append(Scenario("GQA, 8 KV heads", 8, kv_bytes_per_element))
         if kv_bytes_per_element > 1:

@@ -15,6 +15,7 @@ from radixkv.planner import (
     parse_bytes,
     plan,
     plan_scenarios,
+    quantized_bytes_per_token,
 )
 
 GiB = 2**30
@@ -72,8 +73,25 @@ def test_scenarios_int8_halves_fp16_and_gqa_only_when_more_than_8_heads() -> Non
     gqa = plan_scenarios(
         ModelShape("gqa", 80, 8, 128, num_attention_heads=64), weight_bytes_per_element=2, context=1, memory_bytes=GiB
     )
-    assert [p.label for p in gqa] == ["as configured", "int8 KV cache", "without GQA (64 KV heads)"]
-    assert gqa[2].bytes_per_token == 2_621_440 == 8 * gqa[0].bytes_per_token
+    assert [p.label for p in gqa] == ["as configured", "int8 KV cache", "int4 KV cache", "without GQA (64 KV heads)"]
+    assert gqa[3].bytes_per_token == 2_621_440 == 8 * gqa[0].bytes_per_token
+    assert gqa[2].bytes_per_token * 4 == gqa[0].bytes_per_token  # int4: a quarter of float16
+
+
+def test_quantized_bytes_per_token_equals_the_real_pools() -> None:
+    """The planner's int8 / int4 sizes (scales included) are what PrefixCache(kv_dtype=...) allocates."""
+    torch = pytest.importorskip("torch")
+    from radixkv import KVSpec, PrefixCache
+
+    for layers, heads, head_dim in ((30, 3, 64), (32, 8, 128), (2, 1, 8)):
+        shape = ModelShape("m", layers, heads, head_dim)
+        spec = KVSpec(layers, heads, head_dim, dtype=torch.float16)
+        for kind in ("int8", "int4"):
+            cache = PrefixCache(spec, capacity_tokens=16, block_size=16, kv_dtype=kind)
+            assert quantized_bytes_per_token(shape, kind) == cache.stats.bytes_per_token
+            assert cache.stats.capacity_bytes == 16 * cache.stats.bytes_per_token
+    with pytest.raises(ValueError, match="kv_dtype"):
+        quantized_bytes_per_token(ModelShape("m", 1, 1, 8), "int2")
 
 
 def test_parse_and_format_bytes_keep_decimal_and_binary_apart() -> None:
@@ -114,11 +132,12 @@ def test_plan_command_json_for_70b_at_128k(capsys: pytest.CaptureFixture[str]) -
     the int8 what-if halves it."""
     main(["plan", "--model", "llama-2-70b", "--context", "131072", "--memory", "160GB", "--json"])
     doc = json.loads(capsys.readouterr().out)
-    base, int8, mha = doc["plans"]
+    base, int8, int4, mha = doc["plans"]
     assert doc["model"]["num_kv_heads"] == 8 and doc["model"]["num_params"] == 68_976_648_192
     assert base["bytes_per_token"] == 327_680
     assert round(base["bytes_per_sequence"] / 1e9) == 43
     assert int8["bytes_per_token"] == 163_840
+    assert int4["bytes_per_token"] == 81_920 and int4["label"] == "int4 KV cache"
     assert mha["bytes_per_token"] == 2_621_440 and mha["label"] == "without GQA (64 KV heads)"
     assert base["max_sequences"] == (160 * 10**9 - 2 * 68_976_648_192) // (327_680 * 131_072)
 
