@@ -87,18 +87,21 @@ class KVQuantizer:
         """(codes [..., code_dim], scales [..., scale_dim]) -> [..., head_dim] in `dtype`, fresh memory."""
         shape = codes.shape[:-1]
         sc = scales.to(dtype)
+        # Convert first, then scale in place: same-dtype in-place kernels are vectorised on CPU,
+        # mixed-dtype ones (int x float with promotion, addcmul) measured 5-15x slower.
         if self.symmetric:
+            out = codes.to(dtype)  # [..., head_dim]
             if self.num_groups == 1:
-                return torch.mul(codes, sc)  # int8 x float -> float: one kernel
-            q = codes.view(*shape, self.num_groups, self.group)
-            return torch.mul(q, sc.unsqueeze(-1)).view(*shape, self.head_dim)
-        q = torch.cat((codes & 15, codes >> 4), dim=-1)  # [..., head_dim] uint8, channels in order
+                return out.mul_(sc)
+            out.view(*shape, self.num_groups, self.group).mul_(sc.unsqueeze(-1))
+            return out
+        out = torch.cat((codes & 15, codes >> 4), dim=-1).to(dtype)  # [..., head_dim], channels in order
         sm = sc.view(*shape, self.num_groups, 2)
         s, m = sm[..., 0:1], sm[..., 1:2]  # [..., G, 1]
         if self.num_groups == 1:
-            return torch.addcmul(m.squeeze(-1), q, s.squeeze(-1))
-        out = torch.addcmul(m, q.view(*shape, self.num_groups, self.group), s)
-        return out.view(*shape, self.head_dim)
+            return out.mul_(s.squeeze(-1)).add_(m.squeeze(-1))
+        out.view(*shape, self.num_groups, self.group).mul_(s).add_(m)
+        return out
 
 
 def make_quantizer(kv_dtype: object, spec: KVSpec) -> KVQuantizer | None:
