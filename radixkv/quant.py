@@ -86,22 +86,27 @@ class KVQuantizer:
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(codes [..., code_dim], scales [..., scale_dim]) -> [..., head_dim] in `dtype`, fresh memory."""
         shape = codes.shape[:-1]
-        sc = scales.to(dtype)
         # Convert first, then scale in place: same-dtype in-place kernels are vectorised on CPU,
-        # mixed-dtype ones (int x float with promotion, addcmul) measured 5-15x slower.
+        # mixed-dtype ones (int x float with promotion, addcmul) measured 5-15x slower. On CPU,
+        # int -> float16 / bfloat16 conversion is scalar (3x slower than via float32), so half
+        # precision is computed in float32 there and cast once at the end.
+        work = torch.float32 if codes.device.type == "cpu" else dtype
+        sc = scales.to(work)
         if self.symmetric:
-            out = codes.to(dtype)  # [..., head_dim]
+            out = codes.to(work)  # [..., head_dim]
             if self.num_groups == 1:
-                return out.mul_(sc)
-            out.view(*shape, self.num_groups, self.group).mul_(sc.unsqueeze(-1))
-            return out
-        out = torch.cat((codes & 15, codes >> 4), dim=-1).to(dtype)  # [..., head_dim], channels in order
+                out.mul_(sc)
+            else:
+                out.view(*shape, self.num_groups, self.group).mul_(sc.unsqueeze(-1))
+            return out.to(dtype)
+        out = torch.cat((codes & 15, codes >> 4), dim=-1).to(work)  # [..., head_dim], channels in order
         sm = sc.view(*shape, self.num_groups, 2)
         s, m = sm[..., 0:1], sm[..., 1:2]  # [..., G, 1]
         if self.num_groups == 1:
-            return out.mul_(s.squeeze(-1)).add_(m.squeeze(-1))
-        out.view(*shape, self.num_groups, self.group).mul_(s).add_(m)
-        return out
+            out.mul_(s.squeeze(-1)).add_(m.squeeze(-1))
+        else:
+            out.view(*shape, self.num_groups, self.group).mul_(s).add_(m)
+        return out.to(dtype)
 
 
 def make_quantizer(kv_dtype: object, spec: KVSpec) -> KVQuantizer | None:
