@@ -19,6 +19,7 @@ from typing import Any
 
 from radixkv import DEFAULT_EVICTION, POLICIES
 
+from .loader import MissingDependency
 from .methods import METHODS
 from .presets import PRESETS
 from .workloads import WORKLOADS
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingDependency) as exc:
         parser.exit(2, f"radixkv: error: {exc}\n")
     return 0
 
