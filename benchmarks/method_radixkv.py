@@ -38,7 +38,9 @@ def make_radixkv(model: PreTrainedModel, workload: Workload, settings: BenchSett
 
     def serve(req: Request) -> RequestResult:
         hits_before = reused()
-        generated, ttft = generate_streamed(wrapped.generate, req.prompt, model.device, workload.max_new_tokens)
+        generated, ttft = generate_streamed(
+            wrapped.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
+        )
         cached = reused() - hits_before
         return RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
 
