@@ -37,7 +37,12 @@ def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") ->
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--capacity-tokens", type=int, default=32768, help="cache capacity in tokens (default: 32768; demo on a chat model: 8192)")
+    p.add_argument(
+        "--capacity-tokens",
+        type=int,
+        default=32768,
+        help="cache capacity in tokens (default: 32768; demo on a chat model: 8192)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default: 16)")
     p.add_argument(
         "--eviction",

@@ -108,7 +108,10 @@ def run_demo(args: DemoArgs) -> list[BenchResult]:
     stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
     kw: dict[str, Any] = {"max_new_tokens": args.new_tokens, "stop_token_id": stop}
     scenarios = [
-        ("an assistant with a ~1,000-token system prompt, 3 questions", assistant_workload(tokenizer, questions=3, **kw)),
+        (
+            "an assistant with a ~1,000-token system prompt, 3 questions",
+            assistant_workload(tokenizer, questions=3, **kw),
+        ),
         ("a 4-turn chat; each prompt is the chat template over the history", chat_workload(tokenizer, **kw)),
         ("RAG: 2 of 4 documents per question, in retrieval order", rag_workload(tokenizer, requests=4, **kw)),
     ]

@@ -126,9 +126,7 @@ def greedy_config(max_new_tokens: int, stop_token_id: int | None = None) -> Gene
 
     Fresh per call because some callers (continuous batching) mutate the config they get.
     """
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_id, pad_token_id=0
-    )
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_id, pad_token_id=0)
 
 
 def generate_streamed(

@@ -141,7 +141,9 @@ class ChatWorkload(Workload):
                     raise KeyError(f"history for conversation {conv.id!r} is missing at round {round_index}")
                 user = self.user_turns[conv.id][round_index]
                 out.append(
-                    Request(conv.id, round_index, self.renderer.next_prompt(conv.id, round_index, history[conv.id], user))
+                    Request(
+                        conv.id, round_index, self.renderer.next_prompt(conv.id, round_index, history[conv.id], user)
+                    )
                 )
         return out
 
