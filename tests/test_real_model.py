@@ -193,3 +193,30 @@ def test_streamer_streams_the_same_text(lm: Any, cached: Any) -> None:
     assert torch.equal(got, want)
     answer = lm.tokenizer.decode(want[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert wrapped.text == plain.text == answer and answer.strip()
+
+
+def test_plan_reads_the_gguf_file_and_its_folder(lm: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`radixkv plan` on smollm2, its GGUF file and the folder holding it: 30 layers, 3 KV heads of 64,
+    2 x 30 x 3 x 64 x 2 B = 23,040 B per float16 token."""
+    from radixkv.benchmarks.cli import main
+
+    assert lm.path is not None and lm.path.suffix == ".gguf"
+    for spec in ("smollm2", str(lm.path), str(lm.path.parent)):
+        assert main(["plan", "--model", spec, "--context", "2048"]) == 0
+        out = capsys.readouterr().out
+        assert "30 layers, 3 KV heads (GQA: 3 query heads per KV head), head_dim 64" in out, out
+        assert "= 23,040 B per token" in out
+
+
+def test_gguf_config_parsed_from_the_file_matches_the_converted_one(
+    lm: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a converted copy (empty cache folder) the config comes from the GGUF metadata, with the same shape."""
+    from radixkv.benchmarks import loader
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = loader.load_gguf_config(lm.path)
+    assert not any(tmp_path.iterdir())  # planning never converts
+    want = lm.model.config
+    for attr in ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "hidden_size", "vocab_size"):
+        assert getattr(config, attr) == getattr(want, attr), attr
