@@ -30,6 +30,7 @@ from time import perf_counter
 from typing import Any
 
 import torch
+from radixkv.integrations.hf import CACHE_KWARG
 from transformers import DynamicCache
 
 import radixkv
@@ -65,7 +66,7 @@ def _ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
     kw = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     recipe_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prefix, past_key_values=recipe_cache, use_cache=True)
+        model(prefix, use_cache=True, **{CACHE_KWARG: recipe_cache})
     cached = radixkv.wrap(model, capacity_tokens=4096)
     warm = prompts[-1]
     cached.generate(warm, attention_mask=torch.ones_like(warm), **kw)
@@ -75,7 +76,7 @@ def _ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
 
     def recipe(ids: torch.Tensor, t: FirstTokenTimer) -> torch.Tensor:
         return model.generate(ids, attention_mask=torch.ones_like(ids), streamer=t,
-                              past_key_values=copy.deepcopy(recipe_cache), **kw)  # fmt: skip
+                              **{CACHE_KWARG: copy.deepcopy(recipe_cache)}, **kw)  # fmt: skip
 
     def hit(ids: torch.Tensor, t: FirstTokenTimer) -> torch.Tensor:
         return cached.generate(ids, attention_mask=torch.ones_like(ids), streamer=t, **kw)
