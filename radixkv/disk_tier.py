@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -354,10 +355,7 @@ class DiskTier:
             self.stats.files_skipped += 1
             self._forget(f)
         if corrupt:
-            try:
-                os.unlink(self.path / f.name)
-            except OSError:
-                pass
+            _unlink_quietly(self.path / f.name)
         if warn:
             self._warn_once("skip", f"radixkv disk tier: skipping {f.name} ({why}); it counts as a miss")
         return None
@@ -406,10 +404,7 @@ class DiskTier:
                 fh.write(payload)
             os.replace(tmp, self.path / name)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             if exc.errno in _FATAL_WRITE_ERRNOS:
                 self.stats.enabled = False
                 self._warn_once("off", f"radixkv disk tier turned off: cannot write to {self.path} ({exc})")
@@ -433,10 +428,7 @@ class DiskTier:
         old = next(iter(self._files.values()))
         self._forget(old)
         self.stats.files_evicted += 1
-        try:
-            os.unlink(self.path / old.name)
-        except OSError:
-            pass
+        _unlink_quietly(self.path / old.name)
 
     def _add(self, f: _File) -> None:
         """Index `f` (lock held); a file of the same name (same content) is replaced."""
@@ -508,10 +500,7 @@ class DiskTier:
             pass
         except OSError:
             return
-        try:
-            os.unlink(entry.path)
-        except OSError:
-            pass
+        _unlink_quietly(entry.path)
 
     def _warn_once(self, kind: str, message: str) -> None:
         with self._lock:
@@ -519,3 +508,9 @@ class DiskTier:
                 return
             self._warned.add(kind)
         warnings.warn(message, TierWarning, stacklevel=4)
+
+
+def _unlink_quietly(path: str | os.PathLike[str]) -> None:
+    """Delete a file that may already be gone (another process, or never created)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)

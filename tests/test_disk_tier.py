@@ -196,7 +196,7 @@ def test_full_or_read_only_disk_turns_the_tier_off(tmp_path: Path, monkeypatch: 
         assert d.write(NS, parent, hashes[:4], toks[:16], blocks[:4]) == 0
         assert d.write(NS, parent, hashes, toks, blocks) == 0
     assert not d.enabled and d.count(hashes) == 0
-    assert [str(w.message) for w in caught if issubclass(w.category, TierWarning)][0].startswith(
+    assert next(str(w.message) for w in caught if issubclass(w.category, TierWarning)).startswith(
         "radixkv disk tier turned off"
     )
     assert len([w for w in caught if issubclass(w.category, TierWarning)]) == 1
