@@ -30,6 +30,7 @@ from ._hf_support import (
     generate_signature,
     model_unsupported_reason,
 )
+from ._hf_fingerprint import model_fingerprint
 from ._hf_weights import WeightsWatch
 
 __all__ = ["CACHE_KWARG", "DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats",
@@ -107,6 +108,9 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        host_capacity_tokens: int | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_capacity_bytes: int | None = None,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -136,7 +140,16 @@ class CachedModel:
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                host_capacity_tokens=host_capacity_tokens,
+                disk_path=disk_path,
+                disk_capacity_bytes=disk_capacity_bytes,
             )
+        # With lower tiers, entries are keyed by what the weights are, not by this process's
+        # epoch count: disk entries outlive the process, and a restart must not mistake another
+        # model's (or changed weights') KV for its own.
+        self._fingerprint: bytes | None = None
+        if self.cache is not None and (host_capacity_tokens or disk_path is not None):
+            self._fingerprint = model_fingerprint(model)
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self._watch = WeightsWatch(model)  # after the probe's forward pass, which may add buffers
@@ -217,6 +230,10 @@ class CachedModel:
                 self._epoch += 1
                 assert self.cache is not None
                 self.cache.clear()
+                if self._fingerprint is not None:
+                    self._fingerprint = model_fingerprint(self.model)
+            if self._fingerprint is not None:
+                return ("weights", self._fingerprint, adapters)
             return (self._epoch, adapters) if self._epoch or adapters else None
 
     def _insert(
@@ -304,12 +321,19 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    host_capacity_tokens: int | None = None,
+    disk_path: str | os.PathLike[str] | None = None,
+    disk_capacity_bytes: int | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
     neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
-    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size` and `eviction` go to `PrefixCache`.
+    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction` and the lower tiers
+    (`host_capacity_tokens`, `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
+    tier, entries are keyed by a fingerprint of the model (class, config, dtype and a checksum
+    of the weights, recomputed when the weights change), so a restarted process reuses its disk
+    entries and a different model or changed weights never do.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
@@ -320,4 +344,7 @@ def wrap(
         capacity_bytes=capacity_bytes,
         block_size=block_size,
         eviction=eviction,
+        host_capacity_tokens=host_capacity_tokens,
+        disk_path=disk_path,
+        disk_capacity_bytes=disk_capacity_bytes,
     )
