@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import radixkv  # noqa: E402
 from radixkv.integrations._hf_fingerprint import model_fingerprint  # noqa: E402
+
+import radixkv  # noqa: E402
 
 BLOCK = 4
 GREEDY: dict[str, Any] = {
