@@ -218,7 +218,7 @@ def test_rule3_inserts_prompt_and_output_not_padding(family: str) -> None:
             stored = cached.cache.gather(m)
         fresh_kv = transformers.DynamicCache()  # config-less: sliding layers keep every token
         with torch.no_grad():
-            model(torch.tensor([history]), past_key_values=fresh_kv, use_cache=True)
+            model(torch.tensor([history]), use_cache=True, **{CACHE_KWARG: fresh_kv})
         for (k, v), layer in zip(stored, fresh_kv.layers, strict=True):
             torch.testing.assert_close(k, layer.keys[:, :, : m.num_tokens], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(v, layer.values[:, :, : m.num_tokens], atol=1e-4, rtol=1e-4)
