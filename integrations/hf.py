@@ -20,6 +20,7 @@ import torch
 
 from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
 
+from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_support import (
@@ -30,7 +31,6 @@ from ._hf_support import (
     generate_signature,
     model_unsupported_reason,
 )
-from ._hf_fingerprint import model_fingerprint
 from ._hf_weights import WeightsWatch
 
 __all__ = ["CACHE_KWARG", "DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats",
