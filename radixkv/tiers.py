@@ -121,7 +121,7 @@ class Tiers:
                 bytes_written=d.bytes_written - b.bytes_written,
                 load_seconds=d.load_seconds - b.load_seconds,
                 files_skipped=d.files_skipped - b.files_skipped,
-                cached_tokens=sum(len(f.hashes) for f in list(self.disk._files.values())) * bs,
+                cached_tokens=self.disk.held_blocks() * bs,
                 capacity=self.disk.capacity_bytes,
                 enabled=d.enabled,
             )
