@@ -96,6 +96,10 @@ class CachedModel:
     inserts after the change. Adapter layers (PEFT LoRA etc.: active adapters, disabled, merged)
     pick the namespace instead: switching adapters keeps each adapter's entries apart and warm.
     Not seen: in-place edits through `p.data`; call `cache.clear()` after those.
+    Lower tiers (`host_capacity_tokens`, `disk_path`): entries are keyed by a fingerprint of the
+    model (class, config, every weight's bytes; one pass over the weights at wrap and after each
+    weight change) instead of the epoch, so disk entries serve later processes of the same
+    weights only. The config's JSON includes the transformers version: an upgrade starts afresh.
     Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
