@@ -78,6 +78,8 @@ class Tiers:
         pin = torch.device(spec.device).type == "cuda"
         self.host = HostTier(spec, bs, host_blocks, pin=pin) if host_blocks else None
         self.disk = DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs) if disk_path is not None else None
+        if self.host is not None:
+            self.host.spill = self.disk is not None
         self.min_host_tokens = MIN_HOST_LOAD_TOKENS
         self.min_disk_tokens = MIN_DISK_LOAD_TOKENS
         self._pending: list[tuple[Run, torch.Tensor]] = []
