@@ -371,3 +371,22 @@ def test_threads_insert_and_match_over_all_tiers_exactly(tmp_path: Path) -> None
     assert stats["host"].promoted_tokens > 0 and stats["disk"].promoted_tokens > 0  # both tiers served
     for s in stems:
         assert_exact(cache, s)
+
+
+def test_an_insert_without_room_in_the_pool_keeps_the_rest_below(tmp_path: Path) -> None:
+    """Swap instead of drop: blocks an insert cannot place (pool full of locked blocks) go to the
+    host tier, or to disk without one, and a later match gets them back exactly."""
+    for host in (64, None):
+        cache = tiered(tmp_path / str(host), capacity=32, host=host)
+        a, b = list(range(32)), list(range(500, 516))
+        put(cache, b)
+        with cache.match(b) as held:
+            assert held.num_tokens == 16
+            assert cache.insert(a, kv_for(a)) == 16  # 16 stored in the pool, 16 below
+            assert cache.stats.dropped_tokens == 16
+        cache.check_invariants()
+        with cache.match(a) as m:
+            assert m.num_tokens == 32 and m.device_tokens == 16
+            assert (m.host_tokens if host else m.disk_tokens) == 16
+        assert assert_exact(cache, a) == 32
+        cache.check_invariants()
