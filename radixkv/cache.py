@@ -17,6 +17,7 @@ from .eviction import DEFAULT_EVICTION, EvictionPolicy, make_policy
 from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from .pool import KVPool, LayerKV
 from .spec import KVSpec
+from .tiers import Tiers, TierStats
 from .tokens import TokenIds, as_token_list
 from .tree import Node, RadixTree
 
@@ -60,9 +61,14 @@ class PrefixMatch:
 
     `num_tokens` (a multiple of the block size), `block_ids` and `block_hashes` (one per
     block, xxh3-64 chained from the namespace). Use as a context manager to release on exit.
+    With lower tiers, `host_tokens` and `disk_tokens` say how many of the tokens were promoted
+    from each for this match (`device_tokens` the rest); all of them are in the pool now.
     """
 
-    __slots__ = ("num_tokens", "block_ids", "block_hashes", "namespace", "_cache", "_node", "_released", "_id")
+    __slots__ = (
+        "num_tokens", "block_ids", "block_hashes", "namespace", "host_tokens", "disk_tokens",
+        "_cache", "_node", "_released", "_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -73,8 +79,12 @@ class PrefixMatch:
         num_tokens: int,
         namespace: object,
         match_id: int,
+        host_tokens: int = 0,
+        disk_tokens: int = 0,
     ) -> None:
         self.num_tokens = num_tokens
+        self.host_tokens = host_tokens
+        self.disk_tokens = disk_tokens
         self.block_ids = block_ids
         self.block_hashes = block_hashes
         self.namespace = namespace
@@ -86,6 +96,11 @@ class PrefixMatch:
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def device_tokens(self) -> int:
+        """Matched tokens that were in the device pool already."""
+        return self.num_tokens - self.host_tokens - self.disk_tokens
 
     def __enter__(self) -> PrefixMatch:
         return self
@@ -117,6 +132,12 @@ class PrefixCache:
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
         outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
+      - Lower tiers (optional; without them nothing changes): `host_capacity_tokens` keeps
+        evicted blocks in host memory, `disk_path` + `disk_capacity_bytes` keeps what leaves
+        the host (or the pool, without a host tier) in files that later processes reuse.
+        `match` promotes the longest lower-tier continuation into the pool before it returns
+        (`PrefixMatch.host_tokens` / `disk_tokens`); disk files are read and written without
+        the cache lock. `clear()` also empties the host tier; disk files stay. See `Tiers`.
     Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
     for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
@@ -131,6 +152,9 @@ class PrefixCache:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        host_capacity_tokens: int | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_capacity_bytes: int | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")
@@ -150,6 +174,7 @@ class PrefixCache:
                 f"than one block ({block_size} tokens x {spec.bytes_per_token} bytes)"
             )
         _check_fits(which, num_blocks * block_size * spec.bytes_per_token, spec.device)
+        host_blocks = _check_tiers(spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes)
         self.spec = spec
         self.block_size = block_size
         self.policy = make_policy(eviction)
@@ -159,6 +184,10 @@ class PrefixCache:
         self._lock = threading.RLock()
         self._live: dict[int, PrefixMatch] = {}
         self._next_match = 0
+        self._tiers: Tiers | None = None
+        if host_blocks or disk_path is not None:
+            self._tiers = Tiers(self, host_blocks, disk_path, disk_capacity_bytes)
+            self._tree.on_evict = self._tiers.demote
         self.reset_stats()
 
     # ----- properties ------------------------------------------------------------------
@@ -191,6 +220,14 @@ class PrefixCache:
         with self._lock:
             self._lookups = self._query_tokens = self._hit_tokens = 0
             self._inserted_tokens = self._evicted_tokens = self._dropped_tokens = 0
+            if self._tiers is not None:
+                self._tiers.reset_stats()
+
+    @property
+    def tier_stats(self) -> dict[str, TierStats]:
+        """Counters of the lower tiers by name ("host", "disk"); empty without tiers."""
+        with self._lock:
+            return self._tiers.stats() if self._tiers is not None else {}
 
     def __repr__(self) -> str:
         s = self.stats
@@ -202,30 +239,41 @@ class PrefixCache:
     # ----- lookup ----------------------------------------------------------------------
     def match(self, token_ids: TokenIds, namespace: object = None) -> PrefixMatch:
         """Longest cached whole-block prefix of `token_ids`, locked until `release`."""
-        ids, _ = as_token_list(token_ids, "token_ids")
+        ids, packed = as_token_list(token_ids, "token_ids")
         ns_key = namespace_key(namespace)
+        if self._tiers is not None:
+            return self._tiers.match(ids, packed, ns_key, namespace)
         with self._lock:
-            self._lookups += 1
-            self._query_tokens += len(ids)
-            self._tree.tick()
-            root = self._tree.get_root(ns_key, 0, create=False)
-            node: Node | None = None
-            block_ids: list[int] = []
-            hashes: list[int] = []
-            if root is not None:
-                deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
-                if matched:
-                    node = deepest
-                    self._tree.acquire(node, hit=True)
-                    for n in RadixTree.path(node):
-                        block_ids += n.block_ids
-                        hashes += n.block_hashes
-            num_tokens = len(block_ids) * self.block_size
-            self._hit_tokens += num_tokens
-            self._next_match += 1
-            m = PrefixMatch(self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match)
-            self._live[m._id] = m
-            return m
+            return self._match_locked(ids, ns_key, namespace)
+
+    def _match_locked(
+        self, ids: list[int], ns_key: bytes, namespace: object, host_tokens: int = 0, disk_tokens: int = 0
+    ) -> PrefixMatch:
+        """The device match (lock held); the tiers pass what they promoted for it."""
+        self._lookups += 1
+        self._query_tokens += len(ids)
+        self._tree.tick()
+        root = self._tree.get_root(ns_key, 0, create=False)
+        node: Node | None = None
+        block_ids: list[int] = []
+        hashes: list[int] = []
+        if root is not None:
+            deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
+            if matched:
+                node = deepest
+                self._tree.acquire(node, hit=True)
+                for n in RadixTree.path(node):
+                    block_ids += n.block_ids
+                    hashes += n.block_hashes
+        num_tokens = len(block_ids) * self.block_size
+        self._hit_tokens += num_tokens
+        self._next_match += 1
+        m = PrefixMatch(
+            self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match,
+            host_tokens, disk_tokens,
+        )  # fmt: skip
+        self._live[m._id] = m
+        return m
 
     def release(self, match: PrefixMatch) -> None:
         """Unlock a match's blocks. Releasing twice, or a match of another cache, raises ValueError."""
@@ -289,7 +337,9 @@ class PrefixCache:
                 root.lock_ref -= 1
                 tree.drop_root_if_empty(root)
             self._inserted_tokens += stored * bs
-            return stored * bs
+        if self._tiers is not None:
+            self._tiers.flush()  # disk writes of what the insert demoted, without the lock
+        return stored * bs
 
     def _store(
         self,
@@ -357,7 +407,10 @@ class PrefixCache:
         _check_int("num_tokens", num_tokens, minimum=0)
         with self._lock:
             blocks = -(-num_tokens // self.block_size)
-            return self._evict_blocks(blocks) * self.block_size
+            evicted = self._evict_blocks(blocks) * self.block_size
+        if self._tiers is not None:
+            self._tiers.flush()
+        return evicted
 
     def _evict_blocks(self, num_blocks: int) -> int:
         freed = self._tree.evict(num_blocks)
@@ -369,6 +422,8 @@ class PrefixCache:
         """Drop every entry. Blocks of live matches stay readable until those are released."""
         with self._lock:
             self._blocks.free(self._tree.clear())
+            if self._tiers is not None:
+                self._tiers.clear()
 
     # ----- integrity -------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -413,6 +468,8 @@ class PrefixCache:
                 want_h = chain_hashes(node.parent.last_hash, pack_tokens(node.tokens), self.block_size)
                 assert want_h == node.block_hashes, f"{node} has block hashes that do not match its tokens"
             self.policy.check()
+            if self._tiers is not None:
+                self._tiers.check()
 
     def refcount(self, block_id: int) -> int:
         """Holders of a block: 1 for the tree (if cached) + live matches covering it. O(nodes)."""
@@ -430,6 +487,33 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_tiers(
+    spec: KVSpec,
+    block_size: int,
+    host_capacity_tokens: int | None,
+    disk_path: object,
+    disk_capacity_bytes: int | None,
+) -> int:
+    """Validate the lower-tier arguments; returns the host tier's size in blocks."""
+    host_blocks = 0
+    if host_capacity_tokens is not None:
+        _check_int("host_capacity_tokens", host_capacity_tokens, minimum=0)
+        host_blocks = host_capacity_tokens // block_size
+        _check_fits("host_capacity_tokens", host_blocks * block_size * spec.bytes_per_token, "cpu")
+    if disk_capacity_bytes is not None:
+        _check_int("disk_capacity_bytes", disk_capacity_bytes, minimum=0)
+        if disk_path is None:
+            raise ValueError("disk_capacity_bytes needs disk_path (the directory of the disk tier)")
+    if disk_path is not None:
+        if not isinstance(disk_path, (str, os.PathLike)):
+            raise TypeError(f"disk_path must be a str or os.PathLike, got {type(disk_path).__name__}")
+        if disk_capacity_bytes is None:
+            raise ValueError("disk_path needs disk_capacity_bytes (the most bytes the disk tier may use)")
+        if os.path.exists(disk_path) and not os.path.isdir(disk_path):
+            raise ValueError(f"disk_path={os.fspath(disk_path)!r} exists and is not a directory")
+    return host_blocks
 
 
 def _check_fits(which: str, nbytes: int, device: torch.device | Any) -> None:
