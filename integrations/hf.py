@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
+from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch, RedisOptions
 
+from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_support import (
@@ -107,6 +108,8 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        shared: str | RedisOptions | None = None,
+        shared_model: str | None = None,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -130,12 +133,16 @@ class CachedModel:
             spec = self._model_kv.spec
             if capacity_tokens is None and capacity_bytes is None:
                 capacity_tokens, capacity_bytes = _default_capacity(spec.device, spec.bytes_per_token)
+            if shared is not None and shared_model is None:
+                shared_model = model_fingerprint(model)
             self.cache = PrefixCache(
                 spec,
                 capacity_tokens=capacity_tokens,
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                shared=shared,
+                shared_model=shared_model,
             )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
@@ -217,7 +224,21 @@ class CachedModel:
                 self._epoch += 1
                 assert self.cache is not None
                 self.cache.clear()
+                if self.cache.shared_stats is not None:
+                    # The shared tier's keys name the weights as wrapped; KV of these weights must
+                    # not go there under that name (and other replicas' epochs mean other weights).
+                    self.cache.close()
+                    warnings.warn(
+                        "radixkv: the model's weights changed since wrap; the shared tier is off for this "
+                        "model (wrap it again to share its new KV)",
+                        UncachedWarning,
+                        stacklevel=4,
+                    )
             return (self._epoch, adapters) if self._epoch or adapters else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until KV queued for the shared tier is written (see `PrefixCache.flush`)."""
+        return self.cache.flush(timeout) if self.cache is not None else True
 
     def _insert(
         self,
@@ -304,6 +325,8 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    shared: str | RedisOptions | None = None,
+    shared_model: str | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
@@ -313,6 +336,11 @@ def wrap(
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
+    `shared="redis://[:password@]host:port/db"` (or RedisOptions) adds the shared Redis tier:
+    replicas wrapping the same model reuse each other's prefixes. Its keys carry
+    `shared_model`, by default `model_fingerprint(model)` (config, dtype and every weight:
+    one pass over the weights at wrap). A refused password raises SharedTierError here; an
+    unreachable server warns once and the local cache serves alone until it is back.
     """
     return CachedModel(
         model,
@@ -320,4 +348,6 @@ def wrap(
         capacity_bytes=capacity_bytes,
         block_size=block_size,
         eviction=eviction,
+        shared=shared,
+        shared_model=shared_model,
     )

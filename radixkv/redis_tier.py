@@ -254,7 +254,7 @@ class RedisTier:
             self._warn_once("reject", f"radixkv shared tier: a value could not serve ({next(iter(reasons))}); a miss")
         if n == 0:
             return self._empty()
-        flat = torch.frombuffer(out, dtype=torch.uint8)  # out holds exactly n payloads.view(self.dtype)
+        flat = torch.frombuffer(out, dtype=torch.uint8).view(self.dtype)  # out holds exactly n payloads
         return flat.view(n, *self.fingerprint.block_shape)
 
     def write(self, ns_key: bytes, parent_hash: int, hashes: Sequence[int], tokens: Sequence[int], blocks: Any) -> int:
