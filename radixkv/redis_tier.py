@@ -154,9 +154,8 @@ class RedisTier:
         self.block_size = block_size
         self.dtype = spec.dtype
         self.block_bytes = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.element_size
-        model = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
-        self.model_id = xxhash.xxh3_128_hexdigest(model)
-        self._key_head = f"{KEY_PREFIX}:{self.model_id}:{self.fingerprint.tag}:"
+        self.model_id = model_id(model_fingerprint)
+        self._key_head = shared_key(self.model_id, self.fingerprint, b"", 0).rsplit(":", 2)[0] + ":"
         worst_header = len(encode_header(self.fingerprint, self.block_bytes, b"", 0, [0], [2**63] * block_size, [0]))
         if worst_header + 200 + self.block_bytes > options.max_value_bytes:
             raise ValueError(
@@ -188,8 +187,8 @@ class RedisTier:
         return self._client is not None
 
     def key(self, ns_key: bytes, block_hash: int) -> str:
-        """The Redis key of one block."""
-        return f"{self._key_head}{xxhash.xxh3_128_hexdigest(ns_key)}:{block_hash:016x}"
+        """The Redis key of one block (see `shared_key`)."""
+        return shared_key(self.model_id, self.fingerprint, ns_key, block_hash)
 
     def scope(self, ns_key: bytes) -> bytes:
         """The namespace field of a value: model and namespace together."""
@@ -364,7 +363,7 @@ class RedisTier:
         common: dict[str, Any] = {
             "socket_timeout": opts.timeout_seconds,
             "socket_connect_timeout": opts.timeout_seconds,
-            "retry": None,
+            "retry": None,  # no retries: a failed call is a miss now, not a wait
             "health_check_interval": 0,
         }
         client: Any = None
@@ -373,13 +372,15 @@ class RedisTier:
             cluster = int(client.info("cluster").get("cluster_enabled", 0)) == 1
             if cluster:
                 client.close()
+                from redis.backoff import NoBackoff
                 from redis.cluster import RedisCluster
+                from redis.retry import Retry
 
                 client = RedisCluster.from_url(
                     opts.url,
                     socket_timeout=opts.timeout_seconds,
                     socket_connect_timeout=opts.timeout_seconds,
-                    cluster_error_retry_attempts=0,
+                    retry=Retry(NoBackoff(), 0),  # a failed call is a miss, not a wait
                 )
             client.ping()
         except redis.AuthenticationError as exc:
@@ -520,6 +521,18 @@ class RedisTier:
                 return
             self._warned.add(kind)
         warnings.warn(message, TierWarning, stacklevel=3)
+
+
+def model_id(model_fingerprint: str | bytes) -> str:
+    """The model part of keys: xxh3-128 (hex) of the caller's model fingerprint."""
+    raw = model_fingerprint.encode() if isinstance(model_fingerprint, str) else model_fingerprint
+    return xxhash.xxh3_128_hexdigest(raw)
+
+
+def shared_key(model: str, fp: SpecFingerprint, ns_key: bytes, block_hash: int) -> str:
+    """`rkv1:<model id>:<spec tag>:<xxh3-128 of the namespace key>:<chain hash>`: content hashes
+    only, so every process and machine names a block alike (Python's `hash` never enters)."""
+    return f"{KEY_PREFIX}:{model}:{fp.tag}:{xxhash.xxh3_128_hexdigest(ns_key)}:{block_hash:016x}"
 
 
 def redact(url: str) -> str:
