@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 from radixkv.benchmarks.presets import load_model
+from radixkv.benchmarks.redis_server import RedisServer
 from radixkv.integrations.hf import UncachedWarning
-from redis_server import RedisServer
 
 import radixkv
 from radixkv import SharedTierError

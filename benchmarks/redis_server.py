@@ -1,7 +1,7 @@
-"""Real Redis servers for the tests: each on a free 127.0.0.1 port with its own temporary directory.
+"""Local Redis servers for the tests and the shared-tier benchmark: each on a free 127.0.0.1
+port with its own temporary directory, no persistence, stopped by whoever started it.
 
-Debian's `redis-server` (Redis 7) must be installed (`.ci/run` installs it). Servers are small
-(16 MB maxmemory, no persistence) and always stopped by the fixture that started them.
+Debian's `redis-server` (Redis 7) must be installed (`.ci/run` installs it).
 """
 
 from __future__ import annotations
@@ -40,11 +40,14 @@ def free_port(with_bus: bool = False) -> int:
 class RedisServer:
     """One redis-server process. `url` has the password when there is one."""
 
-    def __init__(self, password: str | None = None, cluster: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, password: str | None = None, cluster: bool = False, port: int | None = None, maxmemory: str = "16mb"
+    ) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.password = password
         self.cluster = cluster
+        self.maxmemory = maxmemory
         self.port = port or free_port(with_bus=cluster)
         self.dir = Path(tempfile.mkdtemp(prefix="radixkv-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +60,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-            "--save", "", "--appendonly", "no", "--maxmemory", "16mb", "--maxmemory-policy", "allkeys-lru",
+            "--save", "", "--appendonly", "no", "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru",
             "--io-threads", "1", "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
         if self.password:
