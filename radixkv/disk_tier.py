@@ -216,6 +216,11 @@ class DiskTier:
             s = self.stats
             return DiskStats(**{**s.__dict__, "files": len(self._files)})
 
+    def held_blocks(self) -> int:
+        """Blocks in the files this tier indexes (a block in two files counts twice)."""
+        with self._lock:
+            return sum(len(f.hashes) for f in self._files.values())
+
     def check(self) -> None:
         """Assert that the index, the file list and the byte count agree."""
         with self._lock:

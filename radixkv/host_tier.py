@@ -69,6 +69,9 @@ class HostTier:
         self._index: dict[int, tuple[Run, int]] = {}  # block hash -> (run, position)
         self._uids = itertools.count(1)
         self.stats = HostStats(capacity_blocks=num_blocks)
+        # False when nothing lies below (no disk tier): evicted runs then leave without a copy
+        # of their KV (an empty tensor), since no one would read it.
+        self.spill = True
 
     @property
     def num_held(self) -> int:
@@ -201,7 +204,10 @@ class HostTier:
     def _evict_lru(self) -> tuple[Run, torch.Tensor]:
         _, run = next(iter(self._runs.items()))
         self._remove(run)
-        kv = self.data.index_select(0, torch.tensor(run.slots, dtype=torch.int64))  # [m, L, 2, H, bs, D]
+        if self.spill:
+            kv = self.data.index_select(0, torch.tensor(run.slots, dtype=torch.int64))  # [m, L, 2, H, bs, D]
+        else:
+            kv = self.data[:0]
         self._free += run.slots
         run.slots = []
         self.stats.blocks_evicted += len(run.hashes)

@@ -78,6 +78,8 @@ class Tiers:
         pin = torch.device(spec.device).type == "cuda"
         self.host = HostTier(spec, bs, host_blocks, pin=pin) if host_blocks else None
         self.disk = DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs) if disk_path is not None else None
+        if self.host is not None:
+            self.host.spill = self.disk is not None
         self.min_host_tokens = MIN_HOST_LOAD_TOKENS
         self.min_disk_tokens = MIN_DISK_LOAD_TOKENS
         self._pending: list[tuple[Run, torch.Tensor]] = []
@@ -121,7 +123,7 @@ class Tiers:
                 bytes_written=d.bytes_written - b.bytes_written,
                 load_seconds=d.load_seconds - b.load_seconds,
                 files_skipped=d.files_skipped - b.files_skipped,
-                cached_tokens=sum(len(f.hashes) for f in list(self.disk._files.values())) * bs,
+                cached_tokens=self.disk.held_blocks() * bs,
                 capacity=self.disk.capacity_bytes,
                 enabled=d.enabled,
             )

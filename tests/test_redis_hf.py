@@ -11,7 +11,6 @@ import pytest
 import torch
 from radixkv.benchmarks.presets import load_model
 from radixkv.benchmarks.redis_server import RedisServer
-from radixkv.integrations.hf import UncachedWarning
 
 import radixkv
 from radixkv import SharedTierError
@@ -88,20 +87,37 @@ def test_wrap_with_a_wrong_password_fails_saying_so() -> None:
         srv.stop()
 
 
-def test_fingerprint_follows_the_weights_and_a_weight_change_stops_sharing(server: RedisServer) -> None:
-    """Equal weights give equal fingerprints, one changed weight another; after a weight change
-    the wrapped model stops using the shared tier (its keys name the old weights)."""
-    from radixkv.integrations._hf_fingerprint import model_fingerprint
+def test_after_a_weight_change_redis_never_serves_the_old_weights_kv(server: RedisServer) -> None:
+    """A wrapped model whose weights change in place keys new entries by the new weights: the
+    prefix its old weights wrote to Redis is not reused, and the output equals plain generate."""
+    model = load_model("tiny")
+    cached = radixkv.wrap(model, capacity_tokens=1024, shared=server.url)
+    prompt = torch.randint(0, 500, (1, 80), generator=torch.Generator().manual_seed(1))
+    cached.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert cached.flush(10) and cached.cache.shared_stats.written > 0
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[:100] += 0.5
+    before = cached.stats.reused_tokens
+    ours = cached.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert cached.stats.reused_tokens == before  # nothing reused: neither local nor from Redis
+    assert torch.equal(ours, model.generate(prompt, max_new_tokens=4, do_sample=False))
+    cached.cache.close()
 
-    a, b = load_model("tiny"), load_model("tiny")
-    assert model_fingerprint(a) == model_fingerprint(b)
+
+def test_replicas_with_other_weights_never_share(server: RedisServer) -> None:
+    """Two wraps of equal weights share through Redis; a wrap of weights that differ in one
+    value reads nothing the others wrote."""
+    a, b, c = load_model("tiny"), load_model("tiny"), load_model("tiny")
     with torch.no_grad():
-        next(b.parameters()).view(-1)[0] += 1.0
-    assert model_fingerprint(a) != model_fingerprint(b)
-    cached = radixkv.wrap(a, capacity_tokens=1024, shared=server.url)
-    with torch.no_grad():
-        next(a.parameters()).view(-1)[0] += 1.0
-    prompt = torch.randint(0, 500, (1, 40), generator=torch.Generator().manual_seed(1))
-    with pytest.warns(UncachedWarning, match="shared tier is off"):
-        cached.generate(prompt, max_new_tokens=2, do_sample=False)
-    assert cached.cache.shared_stats is None
+        next(c.parameters()).view(-1)[0] += 1.0
+    prompt = torch.randint(0, 500, (1, 100), generator=torch.Generator().manual_seed(2))
+    wa = radixkv.wrap(a, capacity_tokens=1024, shared=server.url)
+    wa.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert wa.flush(10)
+    wb = radixkv.wrap(b, capacity_tokens=1024, shared=server.url)
+    wc = radixkv.wrap(c, capacity_tokens=1024, shared=server.url)
+    wb.generate(prompt, max_new_tokens=2, do_sample=False)
+    wc.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert wb.stats.reused_tokens == 96 and wc.stats.reused_tokens == 0
+    for w in (wa, wb, wc):
+        w.cache.close()
