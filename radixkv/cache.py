@@ -285,6 +285,7 @@ class PrefixCache:
             with self._lock:
                 m = self._match_locked(ids, ns_key, namespace)
         if self._shared is not None and m.num_tokens < len(ids) // self.block_size * self.block_size:
+            # (_extend_from_shared reads self._shared again: close() may have dropped it.)
             try:
                 m = self._extend_from_shared(m, ids, packed, ns_key, namespace)
             except BaseException:
@@ -491,11 +492,12 @@ class PrefixCache:
             raise
         parent_hash = node.last_hash
         self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
-        if self._shared is not None:
+        shared = self._shared  # read once: close() may drop it from another thread
+        if shared is not None:
             # Write-through: the copy is taken now (under the lock, before the blocks can be
             # evicted), only if the queue has room; the writer thread serialises and sends it.
             pool = self._pool
-            self._shared.write(
+            shared.write(
                 ns_key, parent_hash, hashes[:take], new_tokens[: take * bs],
                 lambda: pool.read_blocks(block_ids).to("cpu"),
             )  # fmt: skip

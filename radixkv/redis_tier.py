@@ -266,10 +266,12 @@ class RedisTier:
             self._count(dropped_down=n)
             return 0
         with self._cv:
-            if self._queued_blocks + n > self.options.queue_blocks:
-                self.stats.dropped_full += n
-                return 0
-            self._queued_blocks += n
+            full = self._queued_blocks + n > self.options.queue_blocks
+            if not full:
+                self._queued_blocks += n
+        if full:
+            self._count(dropped_full=n)
+            return 0
         try:
             kv = blocks() if callable(blocks) else blocks
         except BaseException:
@@ -278,8 +280,8 @@ class RedisTier:
             raise
         with self._cv:
             self._queue.append((ns_key, parent_hash, list(hashes), list(tokens), kv))
-            self.stats.queued += n
             self._cv.notify_all()
+        self._count(queued=n)
         return n
 
     def flush(self, timeout: float | None = None) -> bool:
