@@ -78,7 +78,7 @@ def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-de
 # ----- key format (no server) -----------------------------------------------------------
 def test_keys_name_everything_that_makes_kv_valid_and_are_equal_across_processes() -> None:
     """A key changes with the model, the dtype, the shape, the block size, the namespace and the
-    chain hash, and is the same string in two processes with different hash seeds."""
+    chain hash, and is the same string in another process with another hash seed."""
     fp = SpecFingerprint.of(SPEC, BS)
     ns = namespace_key(("tenant", 1))
     base = shared_key(model_id("m"), fp, ns, 42)
@@ -103,7 +103,7 @@ def test_keys_name_everything_that_makes_kv_valid_and_are_equal_across_processes
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,
             env={**os.environ, "PYTHONHASHSEED": seed},
         ).stdout.strip()
-        for seed in ("1", "2")
+        for seed in ("12345",)  # this process's seed is random: a fixed one elsewhere differs
     }  # fmt: skip
     here = shared_key(model_id("m"), fp, ns, chain_hashes(root_hash(ns), pack_tokens(list(range(8))), 4)[-1])
     assert outs == {here}
