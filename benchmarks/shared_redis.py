@@ -38,7 +38,7 @@ def throughput(url: str, blocks: int, repeats: int) -> dict[str, float]:
     """Write `blocks` llama-100m blocks (float32, 16 tokens: 393 KB each) and read them back."""
     spec = KVSpec(num_layers=12, num_kv_heads=4, head_dim=64, dtype=torch.float32)
     bs = 16
-    tier = RedisTier(RedisOptions(url, timeout_seconds=5.0, queue_blocks=blocks), spec, bs, "bench-throughput")
+    tier = RedisTier(RedisOptions(url, timeout_seconds=5.0, queue_bytes=blocks * 393_216), spec, bs, "bench-throughput")
     puts: list[float] = []
     gets: list[float] = []
     copies: list[float] = []
@@ -153,7 +153,7 @@ def trace(url: str | None, replicas_n: int, pool_tokens: int, limit: int | None,
 
     reqs = load_trace(find_trace(), limit)
     spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float16)  # 4 bytes/token: hit rate only
-    shared = RedisOptions(url, queue_blocks=100_000, timeout_seconds=5.0) if url else None
+    shared = RedisOptions(url, queue_bytes=2**30, timeout_seconds=5.0) if url else None
     caches = [
         PrefixCache(
             spec, capacity_tokens=pool_tokens, block_size=block_size, eviction="lru",

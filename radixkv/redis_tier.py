@@ -39,8 +39,8 @@ class RedisOptions:
     url: `redis://[:password@]host:port/db` (`rediss://` for TLS); a Redis Cluster is detected
     from the server itself (any node's address will do). ttl_seconds: expiry of written blocks
     (None: none; let the server's maxmemory policy evict). timeout_seconds: bound on every call
-    (connect, read, write); a slower server counts as down. queue_blocks: the most blocks
-    waiting to be written; more are dropped and counted. batch_blocks: keys per read round
+    (connect, read, write); a slower server counts as down. queue_bytes: the most KV bytes
+    waiting to be written (host memory); more are dropped and counted. batch_blocks: keys per read round
     trip. max_value_bytes: the largest value written or accepted (a block larger than this
     turns the tier off at construction). min_tokens: shorter continuations are recomputed.
     """
@@ -48,7 +48,7 @@ class RedisOptions:
     url: str
     ttl_seconds: int | None = None
     timeout_seconds: float = 0.25
-    queue_blocks: int = 4096
+    queue_bytes: int = 256 * 2**20
     batch_blocks: int = 64
     max_value_bytes: int = 64 * 2**20
     min_tokens: int = MIN_SHARED_LOAD_TOKENS
@@ -65,7 +65,7 @@ class RedisOptions:
             raise TypeError(f"timeout_seconds must be a number, got {type(self.timeout_seconds).__name__}")
         if not 0 < self.timeout_seconds < 3600:
             raise ValueError(f"timeout_seconds must be in (0, 3600), got {self.timeout_seconds}")
-        _check_int("queue_blocks", self.queue_blocks, 0)
+        _check_int("queue_bytes", self.queue_bytes, 0)
         _check_int("batch_blocks", self.batch_blocks, 1)
         _check_int("max_value_bytes", self.max_value_bytes, 1)
         _check_int("min_tokens", self.min_tokens, 0)
@@ -266,7 +266,7 @@ class RedisTier:
             self._count(dropped_down=n)
             return 0
         with self._cv:
-            full = self._queued_blocks + n > self.options.queue_blocks
+            full = (self._queued_blocks + n) * self.block_bytes > self.options.queue_bytes
             if not full:
                 self._queued_blocks += n
         if full:
