@@ -179,7 +179,7 @@ def test_a_bad_value_is_a_counted_miss_never_kv(server: RedisServer, how: str) -
 
 def test_ttl_is_set_and_a_full_queue_drops_and_counts(server: RedisServer) -> None:
     """ttl_seconds expires written keys; writes beyond queue_bytes are dropped and counted."""
-    tier = tier_on(server.url, ttl_seconds=100, queue_bytes=4 * 256)  # 4 blocks of 256 bytes
+    tier = tier_on(server.url, ttl_seconds=100, queue_bytes=4 * 512)  # 4 blocks of 512 bytes
     try:
         ns, parent, hashes, tokens, blocks = run_of(5, seed=3)
         assert tier.write(ns, parent, hashes, tokens, blocks) == 0
