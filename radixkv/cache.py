@@ -482,6 +482,11 @@ class PrefixCache:
             self._evict_blocks(short)
         take = min(want, self._blocks.num_free)
         self._dropped_tokens += (want - take) * bs
+        if take < want and self._tiers is not None:  # no room in the pool: keep the rest below
+            prev = hashes[take - 1] if take else node.last_hash
+            self._tiers.store_below(
+                node, prev, hashes[take:want], new_tokens[take * bs : want * bs], kv, matched + take
+            )
         if take == 0:
             return 0
         block_ids = self._blocks.allocate(take)

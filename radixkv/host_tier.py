@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -132,12 +133,14 @@ class HostTier:
         if self.num_blocks == 0:
             return [(Run(ns_key, parent_hash, hashes, tokens, []), blocks.cpu())]
         start, n = 0, len(hashes)
+        index = self._index
+        fresh = index.keys().isdisjoint(hashes)  # the usual case, checked in C
         while start < n:
-            while start < n and hashes[start] in self._index:
+            while not fresh and start < n and hashes[start] in index:
                 self._touch(self._index[hashes[start]][0])
                 start += 1
-            end = start
-            while end < n and hashes[end] not in self._index:
+            end = n if fresh else start
+            while end < n and hashes[end] not in index:
                 end += 1
             if end == start:
                 break
@@ -154,7 +157,9 @@ class HostTier:
             slots = self._free[-need:]
             del self._free[-need:]
             # [need, L, 2, H, bs, D] from any device into (pinned) host memory.
-            self.data.index_copy_(0, torch.tensor(slots, dtype=torch.int64), blocks[start:end].to("cpu"))
+            # Contiguous first: index_copy_ from a permuted view is several times slower.
+            src = blocks[start:end].to("cpu").contiguous()
+            self.data.index_copy_(0, torch.tensor(slots, dtype=torch.int64), src)
             parent = hashes[start - 1] if start else parent_hash
             self._add(Run(ns_key, parent, hashes[start:end], tokens[start * bs : end * bs], slots))
             self.stats.blocks_in += need
@@ -175,14 +180,14 @@ class HostTier:
     def _add(self, run: Run) -> None:
         run.uid = next(self._uids)
         self._runs[run.uid] = run
-        for pos, h in enumerate(run.hashes):
-            self._index[h] = (run, pos)
+        # hash -> (run, position), built in C: runs hold hundreds of blocks.
+        self._index.update(zip(run.hashes, zip(itertools.repeat(run), itertools.count()), strict=False))
 
     def _remove(self, run: Run) -> None:
         del self._runs[run.uid]
-        for h in run.hashes:
-            if self._index.get(h, (None, 0))[0] is run:
-                del self._index[h]
+        # Each held hash belongs to exactly one run (`put` skips held ones, `_cut` removes
+        # before it re-adds), so all of this run's entries are its own.
+        collections.deque(map(self._index.__delitem__, run.hashes), maxlen=0)
 
     def _touch(self, run: Run) -> None:
         self._runs.move_to_end(run.uid)
@@ -204,10 +209,8 @@ class HostTier:
     def _evict_lru(self) -> tuple[Run, torch.Tensor]:
         _, run = next(iter(self._runs.items()))
         self._remove(run)
-        if self.spill:
-            kv = self.data.index_select(0, torch.tensor(run.slots, dtype=torch.int64))  # [m, L, 2, H, bs, D]
-        else:
-            kv = self.data[:0]
+        # [m, L, 2, H, bs, D] for the tier below; nothing to copy when there is none.
+        kv = self.data.index_select(0, torch.tensor(run.slots, dtype=torch.int64)) if self.spill else self.data[:0]
         self._free += run.slots
         run.slots = []
         self.stats.blocks_evicted += len(run.hashes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import xxhash
 from .disk_tier import DiskTier
 from .hashing import root_hash
 from .host_tier import HostTier, Run
+from .pool import LayerKV
 
 if TYPE_CHECKING:
     from .cache import PrefixCache, PrefixMatch
@@ -144,6 +146,27 @@ class Tiers:
         blocks = cache._pool.read_blocks(node.block_ids[first:])  # [n, L, 2, H, bs, D]
         if self.host is not None:
             self._demoted["host"] += len(hashes) * bs
+            self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
+        else:
+            self._queue([(Run(root.ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])
+
+    def store_below(
+        self, node: Node, prev: int, hashes: list[int], tokens: list[int], kv: Sequence[LayerKV], first_block: int
+    ) -> None:
+        """An insert found no room in the pool for blocks `hashes` (chained from `prev`, in
+        `node`'s namespace; block i's KV starts at token `(first_block + i) * block_size` of
+        `kv`): they go to the lower tiers directly instead of being dropped (cache lock held)."""
+        bs, spec = self.cache.block_size, self.cache.spec
+        n = len(hashes)
+        start, stop = first_block * bs, (first_block + n) * bs
+        # per layer (K, V) [1, H, T, D] -> [L, 2, H, n * bs, D] -> [n, L, 2, H, bs, D]
+        stacked = torch.stack([torch.stack((k[0, :, start:stop], v[0, :, start:stop])) for k, v in kv])
+        blocks = stacked.view(spec.num_layers, 2, spec.num_kv_heads, n, bs, spec.head_dim).permute(3, 0, 1, 2, 4, 5)
+        root = node
+        while root.parent is not None:
+            root = root.parent
+        if self.host is not None:
+            self._demoted["host"] += n * bs
             self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
         else:
             self._queue([(Run(root.ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])

@@ -276,3 +276,51 @@ def test_two_tiers_sharing_a_directory(tmp_path: Path) -> None:
             assert torch.equal(out, blocks[: out.shape[0]])
             served += out.shape[0]
     assert served > 0
+
+
+_SHARER = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from test_disk_tier import run_of, NS, tier
+    warnings.simplefilter("ignore")
+    d = tier(Path({path!r}), 8000)
+    for rep in range(3):
+        for i in range({first}, {first} + 12):
+            toks = list(range(i * 100, i * 100 + 16))
+            parent, hashes, blocks = run_of(toks)
+            d.write(NS, parent, hashes, toks, blocks)
+            out = d.read(NS, parent, hashes, toks)
+            assert (out == blocks[: out.shape[0]]).all()
+    print("OK", flush=True)
+    """
+)
+
+
+def test_two_processes_writing_one_directory(tmp_path: Path) -> None:
+    """Two processes write, read and evict overlapping runs in one directory at the same time;
+    afterwards every file there is whole and every read is exact."""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARER.format(tests=tests, path=str(tmp_path), first=first)],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for first in (0, 6)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all(o.strip() == b"OK" for o in outs), outs
+    d = tier(tmp_path, 1 << 20)
+    assert d.snapshot().files_skipped == 0 and d.snapshot().files > 0
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    served = 0
+    for i in range(18):
+        toks = list(range(i * 100, i * 100 + 16))
+        parent, hashes, blocks = run_of(toks)
+        out = d.read(NS, parent, hashes, toks)
+        assert torch.equal(out, blocks[: out.shape[0]])
+        served += out.shape[0]
+    assert served > 0

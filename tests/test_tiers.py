@@ -346,3 +346,47 @@ def test_host_tier_lru_overflow_and_verification() -> None:
     assert torch.equal(host.take(hc[1:3]), kc[1:3])
     assert host.count(ns, pc, hc, tc) == 1 and host.count(ns, hc[2], hc[3:], tc[12:]) == 1
     host.check()
+
+
+def test_threads_insert_and_match_over_all_tiers_exactly(tmp_path: Path) -> None:
+    """Four threads insert and match overlapping prompts through a small pool, host and disk:
+    every match returns exactly its prefix's KV, and the invariants hold afterwards."""
+    from kvutil import run_threads
+
+    cache = tiered(tmp_path, capacity=64, host=32, disk_bytes=20_000)
+    stems = [list(range(i * 50, i * 50 + 24)) for i in range(6)]
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        for _ in range(40):
+            ids = rng.choice(stems) + [rng.randrange(1000, 1100) for _ in range(rng.randrange(0, 9))]
+            if rng.random() < 0.5:
+                put(cache, ids)
+            else:
+                assert_exact(cache, ids)
+
+    run_threads(worker, 4)
+    cache.check_invariants()
+    stats = cache.tier_stats
+    assert stats["host"].promoted_tokens > 0 and stats["disk"].promoted_tokens > 0  # both tiers served
+    for s in stems:
+        assert_exact(cache, s)
+
+
+def test_an_insert_without_room_in_the_pool_keeps_the_rest_below(tmp_path: Path) -> None:
+    """Swap instead of drop: blocks an insert cannot place (pool full of locked blocks) go to the
+    host tier, or to disk without one, and a later match gets them back exactly."""
+    for host in (64, None):
+        cache = tiered(tmp_path / str(host), capacity=32, host=host)
+        a, b = list(range(32)), list(range(500, 516))
+        put(cache, b)
+        with cache.match(b) as held:
+            assert held.num_tokens == 16
+            assert cache.insert(a, kv_for(a)) == 16  # 16 stored in the pool, 16 below
+            assert cache.stats.dropped_tokens == 16
+        cache.check_invariants()
+        with cache.match(a) as m:
+            assert m.num_tokens == 32 and m.device_tokens == 16
+            assert (m.host_tokens if host else m.disk_tokens) == 16
+        assert assert_exact(cache, a) == 32
+        cache.check_invariants()
