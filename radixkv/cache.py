@@ -149,8 +149,9 @@ class PrefixCache:
         longest verified continuation from Redis (one round trip per batch of blocks, without
         the cache lock) and promotes it (`PrefixMatch.shared_tokens`). `insert` queues the
         blocks it newly stores for a background writer. `flush()` waits for queued writes;
-        `close()` stops the writer. Server trouble never raises from match or insert (it is
-        counted in `shared_stats`); a refused password raises at construction. See RedisTier.
+        `close()` stops the writer; `clear()` leaves Redis as it is. Server trouble never raises
+        from match or insert (it is counted in `shared_stats`); a refused password raises at
+        construction. See RedisTier.
     Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
     for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never

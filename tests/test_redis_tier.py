@@ -438,3 +438,28 @@ def test_concurrent_matches_and_inserts_stay_consistent(server: RedisServer) -> 
     finally:
         writer.close()
         reader.close()
+
+
+def test_redis_continues_where_the_host_tier_stops(server: RedisServer) -> None:
+    """The shared tier is the lowest: a match takes what the host tier holds first, then the
+    rest of the prefix from Redis, and the whole KV is exact."""
+    ids = list(range(40_000, 40_081))  # 20 blocks + 1 token
+    a = cache_on(server.url, capacity=128)
+    b = PrefixCache(
+        SPEC, capacity_tokens=128, block_size=BS, eviction="lru", host_capacity_tokens=256,
+        shared=opts(server.url), shared_model="model-a",
+    )  # fmt: skip
+    try:
+        a.insert(ids, kv_for(ids))
+        assert a.flush(10)
+        b.insert(ids[:32], kv_for(ids[:32]))  # 8 blocks, then pushed down to the host tier
+        b.evict(32)
+        with b.match(ids) as m:
+            assert (m.num_tokens, m.host_tokens, m.shared_tokens) == (80, 32, 48)
+            got = b.gather(m)
+        want = kv_for(ids[:80])
+        assert all(torch.equal(g[i], w[i]) for g, w in zip(got, want, strict=True) for i in (0, 1))
+        b.check_invariants()
+    finally:
+        a.close()
+        b.close()
