@@ -48,14 +48,19 @@ def _replica(url: str) -> dict:
 
 
 def test_a_second_process_reuses_the_first_ones_prefix_with_identical_tokens(server: RedisServer) -> None:
-    """Two processes load the same model: the second one's first request reuses the prefix the
-    first computed (through Redis, written at the first's exit at the latest), and both return
-    exactly the tokens of plain generate."""
+    """Two processes load the same model (a child process, then this one): this one's first
+    request reuses the prefix the child computed (through Redis, written at the child's exit at
+    the latest), and both return exactly the tokens of plain generate."""
     first = _replica(server.url)
     assert first["same"] and first["reused"] == 0 and first["queued"] > 0
-    second = _replica(server.url)
-    assert second["same"] and second["hits"] == 1
-    assert second["reused"] == 192  # 199 prompt tokens to match: 12 whole blocks of 16
+    model = load_model("tiny")
+    cached = radixkv.wrap(model, capacity_tokens=4096, shared=server.url)
+    prompt = torch.randint(0, 500, (1, 200), generator=torch.Generator().manual_seed(7))
+    ours = cached.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, model.generate(prompt, max_new_tokens=12, do_sample=False))
+    assert cached.cache.shared_stats.hits == 1
+    assert cached.stats.reused_tokens == 192  # 199 prompt tokens to match: 12 whole blocks of 16
+    cached.cache.close()
 
 
 def test_generate_survives_a_server_killed_mid_run(server: RedisServer) -> None:
