@@ -8,7 +8,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from .spec import KVSpec
 from .tiers import Tiers, TierStats
 from .tokens import TokenIds, as_token_list
 from .tree import Node, RadixTree
+
+if TYPE_CHECKING:
+    from .redis_tier import RedisOptions, RedisStats, RedisTier
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,14 @@ class PrefixMatch:
 
     `num_tokens` (a multiple of the block size), `block_ids` and `block_hashes` (one per
     block, xxh3-64 chained from the namespace). Use as a context manager to release on exit.
-    With lower tiers, `host_tokens` and `disk_tokens` say how many of the tokens were promoted
-    from each for this match (`device_tokens` the rest); all of them are in the pool now.
+    With lower tiers, `host_tokens`, `disk_tokens` and `shared_tokens` (Redis) say how many of
+    the tokens were promoted from each for this match (`device_tokens` the rest); all of them
+    are in the pool now.
     """
 
     __slots__ = (
         "num_tokens", "block_ids", "block_hashes", "namespace", "host_tokens", "disk_tokens",
-        "_cache", "_node", "_released", "_id",
+        "shared_tokens", "_cache", "_node", "_released", "_id",
     )  # fmt: skip
 
     def __init__(
@@ -85,6 +89,7 @@ class PrefixMatch:
         self.num_tokens = num_tokens
         self.host_tokens = host_tokens
         self.disk_tokens = disk_tokens
+        self.shared_tokens = 0
         self.block_ids = block_ids
         self.block_hashes = block_hashes
         self.namespace = namespace
@@ -100,7 +105,7 @@ class PrefixMatch:
     @property
     def device_tokens(self) -> int:
         """Matched tokens that were in the device pool already."""
-        return self.num_tokens - self.host_tokens - self.disk_tokens
+        return self.num_tokens - self.host_tokens - self.disk_tokens - self.shared_tokens
 
     def __enter__(self) -> PrefixMatch:
         return self
@@ -138,6 +143,15 @@ class PrefixCache:
         `match` promotes the longest lower-tier continuation into the pool before it returns
         (`PrefixMatch.host_tokens` / `disk_tokens`); disk files are read and written without
         the cache lock. `clear()` also empties the host tier; disk files stay. See `Tiers`.
+      - Shared tier (optional): `shared="redis://[:password@]host:port/db"` (or RedisOptions)
+        with `shared_model`, a fingerprint of the model and its weights (wrap computes it), is
+        the lowest tier. A match still short of the query after the local tiers fetches the
+        longest verified continuation from Redis (one round trip per batch of blocks, without
+        the cache lock) and promotes it (`PrefixMatch.shared_tokens`). `insert` queues the
+        blocks it newly stores for a background writer. `flush()` waits for queued writes;
+        `close()` stops the writer; `clear()` leaves Redis as it is. Server trouble never raises
+        from match or insert (it is counted in `shared_stats`); a refused password raises at
+        construction. See RedisTier.
     Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
     for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
@@ -155,6 +169,8 @@ class PrefixCache:
         host_capacity_tokens: int | None = None,
         disk_path: str | os.PathLike[str] | None = None,
         disk_capacity_bytes: int | None = None,
+        shared: str | RedisOptions | None = None,
+        shared_model: str | bytes | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")
@@ -188,6 +204,11 @@ class PrefixCache:
         if host_blocks or disk_path is not None:
             self._tiers = Tiers(self, host_blocks, disk_path, disk_capacity_bytes)
             self._tree.on_evict = self._tiers.demote
+        self._shared: RedisTier | None = None
+        if shared is not None:
+            self._shared = _make_shared(shared, shared_model, spec, block_size)
+        elif shared_model is not None:
+            raise ValueError("shared_model is only used with shared (a redis:// URL)")
         self.reset_stats()
 
     # ----- properties ------------------------------------------------------------------
@@ -222,6 +243,24 @@ class PrefixCache:
             self._inserted_tokens = self._evicted_tokens = self._dropped_tokens = 0
             if self._tiers is not None:
                 self._tiers.reset_stats()
+        if self._shared is not None:
+            self._shared.reset_stats()
+
+    @property
+    def shared_stats(self) -> RedisStats | None:
+        """Counters of the shared (Redis) tier; None without one."""
+        return self._shared.snapshot() if self._shared is not None else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the writes queued for the shared tier are stored or dropped (False if
+        `timeout` seconds ran out first). Without a shared tier, returns True at once."""
+        return self._shared.flush(timeout) if self._shared is not None else True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and stop using the shared tier (local tiers keep serving). Idempotent."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close(timeout)
 
     @property
     def tier_stats(self) -> dict[str, TierStats]:
@@ -242,9 +281,86 @@ class PrefixCache:
         ids, packed = as_token_list(token_ids, "token_ids")
         ns_key = namespace_key(namespace)
         if self._tiers is not None:
-            return self._tiers.match(ids, packed, ns_key, namespace)
+            m = self._tiers.match(ids, packed, ns_key, namespace)
+        else:
+            with self._lock:
+                m = self._match_locked(ids, ns_key, namespace)
+        if self._shared is not None and m.num_tokens < len(ids) // self.block_size * self.block_size:
+            # (_extend_from_shared reads self._shared again: close() may have dropped it.)
+            try:
+                m = self._extend_from_shared(m, ids, packed, ns_key, namespace)
+            except BaseException:
+                if not m.released:
+                    self.release(m)
+                raise
+        return m
+
+    def _extend_from_shared(
+        self, m: PrefixMatch, ids: list[int], packed: array, ns_key: bytes, namespace: object
+    ) -> PrefixMatch:
+        """Fetch the continuation of `m` (live, locked) from the shared tier and promote it;
+        returns the longer match that replaces `m` (released then), or `m` itself."""
+        shared, bs = self._shared, self.block_size
+        if shared is None or not shared.up:
+            return m
+        start, stop = m.num_tokens // bs, len(ids) // bs
+        if (stop - start) * bs < max(shared.options.min_tokens, 1):
+            return m
+        prev = m.block_hashes[-1] if m.block_hashes else root_hash(ns_key)
+        hashes = chain_hashes(prev, memoryview(packed)[start * bs : stop * bs], bs)
+        # Without the cache lock: a round trip per batch. m's lock keeps its path in the tree.
+        kv = shared.read(ns_key, prev, hashes, ids[start * bs : stop * bs])  # [k, L, 2, H, bs, D]
+        k = kv.shape[0]
+        if k == 0:
+            return m
         with self._lock:
-            return self._match_locked(ids, ns_key, namespace)
+            promoted = self._promote_shared(ids, ns_key, start, hashes[:k], kv)
+            # The longer match replaces m; the lookup is counted once.
+            self._lookups -= 1
+            self._query_tokens -= len(ids)
+            self._hit_tokens -= m.num_tokens
+            longer = self._match_locked(ids, ns_key, namespace, m.host_tokens, m.disk_tokens)
+            longer.shared_tokens = min(promoted * bs, longer.num_tokens - m.num_tokens)
+            self.release(m)
+        if self._tiers is not None:
+            self._tiers.flush()  # disk writes of what the promotion demoted, without the lock
+        return longer
+
+    def _promote_shared(self, ids: list[int], ns_key: bytes, start: int, hashes: list[int], kv: torch.Tensor) -> int:
+        """Attach blocks [start, start + len(hashes)) of `ids` with KV `kv` (lock held), past
+        whatever the tree holds of them by now; returns the blocks written into the pool."""
+        tree, bs, n = self._tree, self.block_size, len(hashes)
+        root = tree.get_root(ns_key, root_hash(ns_key), create=True)
+        assert root is not None
+        root.lock_ref += 1  # pin the namespace and the path while evicting, as insert does
+        try:
+            node, matched = tree.descend(root, ids, start + n)
+            skip = matched - start  # blocks another thread stored meanwhile
+            if skip >= n or skip < 0:  # skip < 0: a clear() detached m's path; nothing to extend
+                return 0
+            tree.acquire(node, hit=False)
+            try:
+                want = n - skip
+                short = want - self._blocks.num_free
+                if short > 0:
+                    self._evict_blocks(short)
+                take = min(want, self._blocks.num_free)
+                self._dropped_tokens += (want - take) * bs
+                if take == 0:
+                    return 0
+                block_ids = self._blocks.allocate(take)
+                try:
+                    self._pool.write_blocks(block_ids, kv[skip : skip + take])
+                except BaseException:
+                    self._blocks.free(block_ids)
+                    raise
+                tree.attach(node, ids[matched * bs : (matched + take) * bs], block_ids, hashes[skip : skip + take], 0)
+                return take
+            finally:
+                self._blocks.free(tree.release(node))
+        finally:
+            root.lock_ref -= 1
+            tree.drop_root_if_empty(root)
 
     def _match_locked(
         self, ids: list[int], ns_key: bytes, namespace: object, host_tokens: int = 0, disk_tokens: int = 0
@@ -330,7 +446,7 @@ class PrefixCache:
                 node, matched = tree.descend(root, ids, n_full)
                 tree.acquire(node, hit=False, priority=priority)
                 try:
-                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now)
+                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now, ns_key)
                 finally:
                     tree.release(node)
             finally:
@@ -351,6 +467,7 @@ class PrefixCache:
         n_full: int,
         priority: int,
         now: int,
+        ns_key: bytes,
     ) -> int:
         """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
         bs = self.block_size
@@ -379,7 +496,17 @@ class PrefixCache:
         except BaseException:
             self._blocks.free(block_ids)  # never linked: nothing half-written is reachable
             raise
+        parent_hash = node.last_hash
         self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
+        shared = self._shared  # read once: close() may drop it from another thread
+        if shared is not None:
+            # Write-through: the copy is taken now (under the lock, before the blocks can be
+            # evicted), only if the queue has room; the writer thread serialises and sends it.
+            pool = self._pool
+            shared.write(
+                ns_key, parent_hash, hashes[:take], new_tokens[: take * bs],
+                lambda: pool.read_blocks(block_ids).to("cpu"),
+            )  # fmt: skip
         return take
 
     def _check_kv(self, kv: object, num_tokens: int) -> None:
@@ -492,6 +619,26 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _make_shared(shared: object, shared_model: object, spec: KVSpec, block_size: int) -> RedisTier:
+    """Validate the shared-tier arguments and connect (SharedTierError on a refused password)."""
+    from .redis_tier import RedisOptions, RedisTier
+
+    if isinstance(shared, str):
+        options = RedisOptions(shared)
+    elif isinstance(shared, RedisOptions):
+        options = shared
+    else:
+        raise TypeError(f"shared must be a redis:// URL or RedisOptions, got {type(shared).__name__}")
+    if shared_model is None:
+        raise ValueError(
+            "shared needs shared_model: a fingerprint of the model and its weights (radixkv.wrap computes "
+            "one), so that replicas of other models never read each other's KV"
+        )
+    if not isinstance(shared_model, (str, bytes)) or not shared_model:
+        raise TypeError(f"shared_model must be a non-empty str or bytes, got {shared_model!r:.60}")
+    return RedisTier(options, spec, block_size, shared_model)
 
 
 def _check_tiers(

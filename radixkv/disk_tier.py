@@ -7,7 +7,6 @@ import ctypes
 import errno
 import itertools
 import os
-import struct
 import threading
 import time
 import warnings
@@ -21,43 +20,19 @@ import torch
 import xxhash
 
 from .hashing import chain_hashes
+from .kv_codec import FIXED, FORMAT_VERSION, MAGIC, SpecFingerprint, decode_header, encode_header, rest_length
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "SUFFIX", "DiskTier", "SpecFingerprint", "TierWarning"]
 from .spec import KVSpec
 
-MAGIC = b"RKVD"
-FORMAT_VERSION = 1
 SUFFIX = ".rkv"
 _TMP_PREFIX = ".tmp-"
-# magic, version, num_layers, num_kv_heads, head_dim, block_size, dtype length, namespace length,
-# blocks, token width (4 or 8 bytes), parent hash, bytes per block.
-_FIXED = struct.Struct("<4sIIIIIIIIIQQ")
 # Errors after which writing cannot succeed until someone intervenes: the tier turns itself off.
 _FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 class TierWarning(RuntimeWarning):
     """A lower tier skipped a file, or turned itself off; serving goes on without it."""
-
-
-@dataclass(frozen=True)
-class SpecFingerprint:
-    """What a file's KV must agree with to be served: the KV shape, dtype and block size."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    block_size: int
-
-    @classmethod
-    def of(cls, spec: KVSpec, block_size: int) -> SpecFingerprint:
-        return cls(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, str(spec.dtype).removeprefix("torch."), block_size
-        )
-
-    @property
-    def block_shape(self) -> tuple[int, int, int, int, int]:
-        """One block of KV: `[L, 2 (K, V), H, block_size, D]`."""
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
 
 
 @dataclass
@@ -92,12 +67,13 @@ class DiskStats:
 class DiskTier:
     """KV blocks on disk, as files each holding a run of consecutive blocks of one hash chain.
 
-    File format (little endian): a fixed header (magic, format version, the spec fingerprint:
-    layers, KV heads, head_dim, block size, dtype; namespace key length, block count, token
-    width, the chain hash before the run, bytes per block), then the dtype name, the namespace
-    key, the token ids (uint32 when they fit, else uint64), the block hashes, one xxh3-64
-    checksum per block, an xxh3-64 checksum of everything before it; then the payload, one
-    `[L, 2, H, block_size, D]` block after another, so a prefix of a run reads as one span.
+    File format (`radixkv.kv_codec`, shared with the Redis tier; little endian): a fixed
+    header (magic, format version, the spec fingerprint: layers, KV heads, head_dim, block size,
+    dtype; namespace key length, block count, token width, the chain hash before the run, bytes
+    per block), then the dtype name, the namespace key, the token ids (uint32 when they fit,
+    else uint64), the block hashes, one xxh3-64 checksum per block, an xxh3-64 checksum of
+    everything before it; then the payload, one `[L, 2, H, block_size, D]`
+    block after another, so a prefix of a run reads as one span.
 
     Contract:
       - `write` is atomic: a temporary file renamed into place, so a reader (this process or
@@ -256,63 +232,18 @@ class DiskTier:
 
     # ----- files -----------------------------------------------------------------------
     def _header(self, ns_key: bytes, parent_hash: int, hashes: list[int], tokens: list[int], sums: list[int]) -> bytes:
-        fp = self.fingerprint
-        width = 4 if not tokens or max(tokens) < 2**32 else 8
-        dtype = fp.dtype.encode()
-        fixed = _FIXED.pack(
-            MAGIC, FORMAT_VERSION, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.block_size,
-            len(dtype), len(ns_key), len(hashes), width, parent_hash, self.block_bytes,
-        )  # fmt: skip
-        body = b"".join(
-            (
-                fixed,
-                dtype,
-                ns_key,
-                array("I" if width == 4 else "Q", tokens).tobytes(),
-                array("Q", hashes).tobytes(),
-                array("Q", sums).tobytes(),
-            )
-        )
-        return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
+        return encode_header(self.fingerprint, self.block_bytes, ns_key, parent_hash, hashes, tokens, sums)
 
     def _parse_header(self, fh, file_size: int) -> tuple[bytes, int, list[int], list[int], list[int], int] | str:
         """(namespace key, parent hash, hashes, tokens, block checksums, payload offset) or why not."""
-        raw = fh.read(_FIXED.size)
-        if len(raw) < _FIXED.size:
-            return "truncated header"
-        magic, version, layers, heads, dim, bs, dlen, nlen, nblocks, width, parent, block_bytes = _FIXED.unpack(raw)
-        if magic != MAGIC:
-            return "not a radixkv tier file"
-        if version != FORMAT_VERSION:
-            return f"format version {version}, this build reads {FORMAT_VERSION}"
-        if width not in (4, 8) or nblocks == 0 or dlen > 64:
-            return "corrupt header"
-        rest_len = dlen + nlen + nblocks * bs * width + 16 * nblocks + 8
-        rest = fh.read(rest_len)
-        if len(rest) < rest_len:
-            return "truncated header"
-        if xxhash.xxh3_64_intdigest(raw + rest[:-8]) != int.from_bytes(rest[-8:], "little"):
-            return "header checksum mismatch"
-        fp = self.fingerprint
-        dtype = rest[:dlen].decode("ascii", "replace")
-        if (layers, heads, dim, bs, dtype) != (fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.block_size, fp.dtype):
-            return f"written for another KV spec ({layers} layers, {heads} heads, dim {dim}, block {bs}, {dtype})"
-        if block_bytes != self.block_bytes:
-            return "block size in bytes differs"
-        offset = _FIXED.size + rest_len
-        if file_size != offset + nblocks * block_bytes:
-            return f"size {file_size} bytes, the header says {offset + nblocks * block_bytes}"
-        pos = dlen
-        ns_key = rest[pos : pos + nlen]
-        pos += nlen
-        tokens = array("I" if width == 4 else "Q")
-        tokens.frombytes(rest[pos : pos + nblocks * bs * width])
-        pos += nblocks * bs * width
-        hashes = array("Q")
-        hashes.frombytes(rest[pos : pos + 8 * nblocks])
-        sums = array("Q")
-        sums.frombytes(rest[pos + 8 * nblocks : pos + 16 * nblocks])
-        return ns_key, parent, hashes.tolist(), tokens.tolist(), sums.tolist(), offset
+        raw = fh.read(FIXED.size)
+        rest_len = rest_length(raw)
+        if isinstance(rest_len, str):
+            return rest_len
+        head = decode_header(raw + fh.read(rest_len), self.fingerprint, self.block_bytes, file_size)
+        if isinstance(head, str):
+            return head
+        return head.ns_key, head.parent_hash, head.hashes, head.tokens, head.sums, head.payload_offset
 
     def _read_file(
         self, f: _File, pos: int, n: int, ns_key: bytes, prev: int, hashes: Sequence[int], tokens: Sequence[int]
