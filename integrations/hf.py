@@ -82,8 +82,9 @@ class CachedModel:
     Exactness: greedy tokens equal plain `generate`'s, float32 scores within 1e-4. In float16
     and bfloat16 this holds because only prefill-computed KV is stored by default (decode-step
     KV of the same tokens differs by up to 1 ulp; `reuse_generated=True` trades that for hits
-    on the latest answer); it assumes the model's kernels give a token the same KV whether it
-    is prefilled with its prefix or after a cached prefix, as the tested families' do on CPU.
+    on the latest answer), provided the attention kernel gives a prefix the same KV whatever
+    follows it: eager attention on CPU does; torch's fused CPU sdpa kernel rounds the last rows
+    of a half-precision prefill by prefill length (1 ulp), so near-ties can still flip (README).
       3. Match locks are released right after the KV is gathered, in a `finally`, so any
          exception (stopping criteria, streamers, the model, KeyboardInterrupt) leaves no lock;
          an exception inside generate inserts nothing.
