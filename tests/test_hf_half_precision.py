@@ -22,7 +22,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_hf_generate import BLOCK, FAMILIES, SLIDING, _config, floor_block, model_for, tokens  # noqa: E402
+from test_hf_generate import BLOCK, CACHE_KWARG, FAMILIES, SLIDING, _config, floor_block, model_for, tokens  # noqa: E402
 
 import radixkv  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_suffix_prefill_over_cached_prompt_kv_equals_a_full_prefill(family: str,
     assert torch.equal(ours.scores[0], plain.scores[0])  # the suffix prefill's last logits
     full = transformers.DynamicCache()  # config-less: sliding layers keep every token
     with torch.no_grad():
-        model(torch.tensor([prompt]), past_key_values=full, use_cache=True)
+        model(torch.tensor([prompt]), use_cache=True, **{CACHE_KWARG: full})
     with cached.cache.match(prompt) as m:
         assert m.num_tokens == floor_block(37)
         stored = cached.cache.gather(m)
