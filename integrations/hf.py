@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from radixkv import DEFAULT_EVICTION, EvictionPolicy, KVSpec, PrefixCache, PrefixMatch
+from radixkv import DEFAULT_EVICTION, EvictionPolicy, KVSpec, PrefixCache, PrefixMatch, RedisOptions
 
+from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_support import (
@@ -108,6 +109,10 @@ class CachedModel:
     inserts after the change. Adapter layers (PEFT LoRA etc.: active adapters, disabled, merged)
     pick the namespace instead: switching adapters keeps each adapter's entries apart and warm.
     Not seen: in-place edits through `p.data`; call `cache.clear()` after those.
+    Lower tiers (`host_capacity_tokens`, `disk_path`): entries are keyed by a fingerprint of the
+    model (class, config, every weight's bytes; one pass over the weights at wrap and after each
+    weight change) instead of the epoch, so disk entries serve later processes of the same
+    weights only. The config's JSON includes the transformers version: an upgrade starts afresh.
     Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
@@ -120,6 +125,11 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        host_capacity_tokens: int | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_capacity_bytes: int | None = None,
+        shared: str | RedisOptions | None = None,
+        shared_model: str | None = None,
         reuse_generated: bool | None = None,
     ) -> None:
         if reuse_generated is not None and not isinstance(reuse_generated, bool):
@@ -138,6 +148,7 @@ class CachedModel:
         self._model_kv: ModelKV | None = None
         self._weights = _weights_dtype_device(model)
         self.cache: PrefixCache | None = None
+        fingerprint: bytes | None = None
         if self.unsupported_reason is None:
             try:
                 self._model_kv = probe_model_kv(model)
@@ -147,13 +158,27 @@ class CachedModel:
             spec = self._model_kv.spec
             if capacity_tokens is None and capacity_bytes is None:
                 capacity_tokens = default_capacity_tokens(model, spec)
+            # With lower tiers, entries are keyed by what the weights are, not by this process's
+            # epoch count: disk and Redis entries outlive the process (and Redis entries are read
+            # by other replicas), and no one may mistake another model's (or changed weights')
+            # KV for its own. The Redis keys also carry the fingerprint as wrapped.
+            if host_capacity_tokens or disk_path is not None or shared is not None:
+                fingerprint = model_fingerprint(model)
+            if shared is not None and shared_model is None:
+                shared_model = f"radixkv-hf:{fingerprint.hex()}"
             self.cache = PrefixCache(
                 spec,
                 capacity_tokens=capacity_tokens,
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                host_capacity_tokens=host_capacity_tokens,
+                disk_path=disk_path,
+                disk_capacity_bytes=disk_capacity_bytes,
+                shared=shared,
+                shared_model=shared_model,
             )
+        self._fingerprint: bytes | None = fingerprint if self.cache is not None else None
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self._watch = WeightsWatch(model)  # after the probe's forward pass, which may add buffers
@@ -247,7 +272,15 @@ class CachedModel:
                 self._epoch += 1
                 assert self.cache is not None
                 self.cache.clear()
+                if self._fingerprint is not None:
+                    self._fingerprint = model_fingerprint(self.model)
+            if self._fingerprint is not None:
+                return ("weights", self._fingerprint, adapters)
             return (self._epoch, adapters) if self._epoch or adapters else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until KV queued for the shared tier is written (see `PrefixCache.flush`)."""
+        return self.cache.flush(timeout) if self.cache is not None else True
 
     def _insert(
         self,
@@ -362,6 +395,11 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    host_capacity_tokens: int | None = None,
+    disk_path: str | os.PathLike[str] | None = None,
+    disk_capacity_bytes: int | None = None,
+    shared: str | RedisOptions | None = None,
+    shared_model: str | None = None,
     reuse_generated: bool | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
@@ -369,7 +407,11 @@ def wrap(
     Give at most one of `capacity_tokens` / `capacity_bytes`; the pool is allocated and zeroed
     here, once, so no call pays for page faults. With neither, `default_capacity_tokens`: half
     the parameters' bytes, at least 2,048 tokens, at most a quarter of physical memory (half of
-    the free memory on CUDA). `block_size` and `eviction` go to `PrefixCache`.
+    the free memory on CUDA). `block_size`, `eviction` and the lower tiers
+    (`host_capacity_tokens`, `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
+    tier, entries are keyed by a fingerprint of the model (class, config, dtype and a checksum
+    of the weights, recomputed when the weights change), so a restarted process reuses its disk
+    entries and a different model or changed weights never do.
     `reuse_generated`: whether the KV of generated tokens is stored too, so that the next chat
     turn hits on the previous answer without computing it. None (default): only where that KV
     reproduces plain `generate` (float32 / float64, see `CachedModel.reuse_generated`); in half
@@ -380,6 +422,12 @@ def wrap(
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
+    `shared="redis://[:password@]host:port/db"` (or RedisOptions) adds the shared Redis tier:
+    replicas wrapping the same model reuse each other's prefixes. Entries are keyed by the
+    weights fingerprint as above (and the keys by `shared_model`, by default that fingerprint
+    at wrap), so replicas with other weights never read each other's KV. A refused password
+    raises SharedTierError here; an unreachable server warns once and the local cache serves
+    alone until it is back.
     """
     return CachedModel(
         model,
@@ -388,4 +436,9 @@ def wrap(
         block_size=block_size,
         eviction=eviction,
         reuse_generated=reuse_generated,
+        host_capacity_tokens=host_capacity_tokens,
+        disk_path=disk_path,
+        disk_capacity_bytes=disk_capacity_bytes,
+        shared=shared,
+        shared_model=shared_model,
     )
