@@ -169,3 +169,15 @@ def test_bad_arguments_exit_2_naming_the_argument(
         main([*argv, *(["--out", str(tmp_path)] if argv[0] == "bench" else [])])
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_multi_turn_in_bfloat16_runs_both_reuse_generated_settings(tmp_path: Path) -> None:
+    """`--methods ...,radixkv-reuse-generated` runs both settings side by side: in bfloat16 the default
+    stores prompts only and hits less than reuse_generated=True, which also hits previous answers."""
+    methods = "generate,radixkv,radixkv-reuse-generated"
+    doc = _bench("multi-turn", tmp_path, "--dtype", "bfloat16", "--methods", methods)
+    rows = _methods(doc)
+    assert list(rows) == methods.split(",")
+    default, reuse = rows["radixkv"], rows["radixkv-reuse-generated"]
+    assert default["extra"]["reuse_generated"] is False and reuse["extra"]["reuse_generated"] is True
+    assert 0 < default["hit_rate"] < reuse["hit_rate"]
