@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from radixkv import DEFAULT_EVICTION
 
 from .compare import BenchResult, run_methods
-from .methods import METHODS, BenchSettings
+from .methods import DEFAULT_METHODS, BenchSettings
 from .plots import plot_methods
 from .presets import PRESETS, load_model
 from .report import format_table, to_json
@@ -36,7 +36,7 @@ class ModelBenchArgs:
     block_size: int = 16
     eviction: str = DEFAULT_EVICTION
     seed: int = 0
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     out: Path | None = None
     progress: bool = True
 

@@ -20,7 +20,7 @@ from typing import Any
 from radixkv import DEFAULT_EVICTION, POLICIES
 
 from .loader import MissingDependency
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, METHODS
 from .presets import PRESETS
 from .workloads import WORKLOADS
 
@@ -53,8 +53,9 @@ def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") ->
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all; generate is the token reference)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} "
+        f"(default: {','.join(DEFAULT_METHODS)}; generate is the token reference)",
     )
     p.add_argument(
         "--threads",

@@ -15,6 +15,7 @@ _LABELS = {
     "prompt-reuse": "prompt-reuse recipe (deepcopy)",
     "continuous-batching": "continuous batching (generate_batch)",
     "radixkv": "radixkv",
+    "radixkv-reuse-generated": "radixkv, reuse_generated=True",
 }
 
 

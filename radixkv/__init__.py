@@ -36,7 +36,7 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, shared, shared_model). Needs the `hf` extra (transformers).
+    block_size, eviction, reuse_generated, shared, shared_model). Needs the `hf` extra (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

