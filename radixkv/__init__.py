@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import CacheStats, PrefixCache, PrefixMatch
 from .eviction import DEFAULT_EVICTION, POLICIES, EvictionPolicy
+from .redis_tier import RedisOptions, RedisStats, SharedTierError
 from .spec import KVSpec
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ __all__ = [
     "KVSpec",
     "PrefixCache",
     "PrefixMatch",
+    "RedisOptions",
+    "RedisStats",
+    "SharedTierError",
     "wrap",
 ]
 __version__ = "0.1.0"
@@ -32,7 +36,7 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, kv_dtype). Needs the `hf` extra (transformers).
+    block_size, eviction, kv_dtype, reuse_generated, shared, shared_model). Needs the `hf` extra (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

@@ -31,8 +31,10 @@ class KVQuantizer:
       low nibble and channel j + head_dim / 2 in its high nibble, so unpacking is two bit ops and
       one concatenation, with no interleave.
     Error bound per element: |x - dequantize(quantize(x))| <= s / 2 (+ rounding of the output
-    dtype), s being the element's group scale. Values beyond the float16 range (|x| > 65504 for
-    int4, > 65504 * 127 for int8) are clipped; KV of trained models stays far inside it.
+    dtype), s being the element's group step: absmax / 127 (int8), or for int4
+    (max - min + |min| * 2**-9) / 15, the last term from storing the minimum in float16.
+    Values beyond the float16 range (|x| > 65504 for int4, > 65504 * 127 for int8) are
+    clipped; KV of trained models stays far inside it.
     Costs: quantize about ten elementwise tensor ops, dequantize two to five; no Python loop over
     blocks, tokens or heads.
     """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sortedcontainers import SortedList
 
@@ -72,6 +72,9 @@ class RadixTree:
         self.num_blocks = 0  # blocks referenced by the tree
         self.num_locked_blocks = 0  # blocks of nodes with lock_ref > 0, detached ones included
         self.num_nodes = 0  # non-root nodes
+        # Called as on_evict(node, first) before blocks [first:] of `node` leave by eviction,
+        # while their KV is still in the pool (the lower tiers copy it out). None: no tiers.
+        self.on_evict: Callable[[Node, int], None] | None = None
 
     # ----- clock and nodes -------------------------------------------------------------
     def tick(self) -> int:
@@ -248,6 +251,8 @@ class RadixTree:
             node = self._evictable_nodes[uid]
             take = min(num_blocks - len(freed), len(node.block_ids))
             now = self._clock
+            if self.on_evict is not None:
+                self.on_evict(node, len(node.block_ids) - take)
             if take < len(node.block_ids):  # trim the tail; the leaf keeps its place
                 freed += node.block_ids[-take:]
                 gone = node.block_hashes[-take:]
