@@ -112,7 +112,7 @@ class PrefixCache:
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
-        The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
+        The default is DEFAULT_EVICTION ("lru").
       - Entries in different namespaces never share nodes or blocks.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
