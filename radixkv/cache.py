@@ -112,7 +112,8 @@ class PrefixCache:
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
-        The default is DEFAULT_EVICTION ("lru").
+        The default, DEFAULT_EVICTION ("adaptive"), is LRU unless a sampled replay shows the
+        learned reuse order winning.
       - Entries in different namespaces never share nodes or blocks.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
@@ -153,6 +154,7 @@ class PrefixCache:
         self.spec = spec
         self.block_size = block_size
         self.policy = make_policy(eviction)
+        self.policy.bind(num_blocks)
         self._pool = KVPool(spec, num_blocks, block_size)
         self._blocks = BlockAllocator(num_blocks)
         self._tree = RadixTree(block_size, self.policy)

@@ -68,6 +68,7 @@ class RadixTree:
         self._evictable: SortedList = SortedList()  # of (key, uid)
         self._evictable_nodes: dict[int, Node] = {}
         self._clock = 0
+        self._generation = policy.generation  # the policy's order the keys in _evictable follow
         self._next_uid = 1
         self.num_blocks = 0  # blocks referenced by the tree
         self.num_locked_blocks = 0  # blocks of nodes with lock_ref > 0, detached ones included
@@ -242,6 +243,8 @@ class RadixTree:
     def evict(self, num_blocks: int) -> list[int]:
         """Remove up to `num_blocks` blocks from unlocked leaves; returns the removed block ids."""
         bs = self.block_size
+        if self.policy.generation != self._generation:
+            self._rekey()
         freed: list[int] = []
         while len(freed) < num_blocks and self._evictable:
             _, uid = self._evictable[0]
@@ -269,6 +272,15 @@ class RadixTree:
             elif not parent.children and parent.lock_ref == 0:
                 self._add_evictable(parent)
         return freed
+
+    def _rekey(self) -> None:
+        """Recompute every evictable leaf's key after the policy changed its order as a whole.
+        O(leaves log leaves); policies change order rarely (see `EvictionPolicy.generation`)."""
+        self._generation = self.policy.generation
+        nodes = list(self._evictable_nodes.values())
+        for node in nodes:
+            node.evict_key = self.policy.key(node)
+        self._evictable = SortedList((node.evict_key, node.uid) for node in nodes)
 
     def clear(self) -> list[int]:
         """Detach every node; returns the blocks no one holds now. Locked nodes keep their
