@@ -382,7 +382,9 @@ def run_suite(
                     rates[policy] = hit / total if total else 0.0
                 points.append(Point(family, seed, frac, cap, rates))
                 if progress is not None:
-                    progress(f"{family} seed {seed} @ {frac:.0%}: " + ", ".join(f"{k} {v:.4f}" for k, v in rates.items()))
+                    progress(
+                        f"{family} seed {seed} @ {frac:.0%}: " + ", ".join(f"{k} {v:.4f}" for k, v in rates.items())
+                    )
     return points
 
 
@@ -392,7 +394,9 @@ def format_table(points: Sequence[Point], policies: Sequence[str]) -> str:
     others = [p for p in policies if p != "lru"]
     head = "| family | capacity | lru | " + " | ".join(f"{p} | {p}/lru min | {p}/lru mean" for p in others) + " |"
     lines = [head, "|---" * (3 + 3 * len(others)) + "|"]
-    keys = sorted({(pt.family, pt.capacity_fraction) for pt in points}, key=lambda k: (list(FAMILIES).index(k[0]), k[1]))
+    keys = sorted(
+        {(pt.family, pt.capacity_fraction) for pt in points}, key=lambda k: (list(FAMILIES).index(k[0]), k[1])
+    )
     for family, frac in keys:
         group = [pt for pt in points if pt.family == family and pt.capacity_fraction == frac]
         row = [family, f"{frac:.0%}", f"{sum(pt.hit_rate['lru'] for pt in group) / len(group):.4f}"]
@@ -448,7 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{took:.0f} s.\n\n"
     )
     (args.out / "table.md").write_text(header + table + "\n")
-    doc = {"default": DEFAULT_EVICTION, "requests": args.requests, "block": BLOCK, "points": [asdict(p) for p in points]}
+    doc = {
+        "default": DEFAULT_EVICTION,
+        "requests": args.requests,
+        "block": BLOCK,
+        "points": [asdict(p) for p in points],
+    }
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"\nwrote {args.out / 'table.md'} and {args.out / 'results.json'}")
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
+from radixkv.hashing import namespace_key
 
 from ._hf_kv import LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
@@ -107,6 +108,7 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        shares: Mapping[object, float] | None = None,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -136,6 +138,7 @@ class CachedModel:
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                shares=shares,
             )
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
@@ -153,8 +156,14 @@ class CachedModel:
                 self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._epoch
             )
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract."""
+    def generate(self, *args: Any, namespace: object = None, **kwargs: Any) -> Any:
+        """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract.
+
+        `namespace` (None, str, bytes, int or tuples of those) is the tenant of this call: its
+        entries are apart from other tenants' (on top of the weights and adapter keys) and count
+        against its share (`wrap(model, shares=...)`); None is the shared default tenant."""
+        if namespace is not None:
+            namespace_key(namespace, "namespace")  # a bad namespace raises before any work
         if self.cache is None:
             verdict: CallPlan | Passthrough = Passthrough(self.unsupported_reason)
         else:
@@ -164,10 +173,10 @@ class CachedModel:
             if verdict.reason is not None:
                 warnings.warn(f"radixkv: generate ran uncached: {verdict.reason}", UncachedWarning, stacklevel=2)
             return self.model.generate(*args, **kwargs)
-        return self._generate_cached(verdict)
+        return self._generate_cached(verdict, namespace)
 
     # ----- the cached path ------------------------------------------------------------
-    def _generate_cached(self, plan: CallPlan) -> Any:
+    def _generate_cached(self, plan: CallPlan, tenant: object = None) -> Any:
         cache, model_kv = self.cache, self._model_kv
         assert cache is not None and model_kv is not None
         weights = _weights_dtype_device(self.model)
@@ -187,7 +196,7 @@ class CachedModel:
         try:
             for prompt in prompts:
                 # At most len - 1 tokens: generate must compute at least one prompt token.
-                matches.append(cache.match(prompt[:-1], namespace=namespace))
+                matches.append(cache.match(prompt[:-1], namespace=namespace, tenant=tenant))
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
             gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
         finally:
@@ -203,7 +212,7 @@ class CachedModel:
         out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
         self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        self._insert(plan, layout, prompts, sequences, past, namespace)
+        self._insert(plan, layout, prompts, sequences, past, namespace, tenant)
         return out
 
     def _namespace(self) -> object:
@@ -227,6 +236,7 @@ class CachedModel:
         sequences: torch.Tensor,
         past: Any,
         namespace: object,
+        tenant: object = None,
     ) -> None:
         """Store each returned row's prompt + output KV (prompts only for beam search)."""
         cache = self.cache
@@ -240,7 +250,7 @@ class CachedModel:
             # then only the prompt columns, filled by the prefill, are known to be right.)
             for i, prompt in enumerate(prompts):
                 start = width - len(prompt)
-                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), namespace)
+                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), namespace, tenant)
             return
         generated = sequences[:, width:]  # [B * expand, N]
         n_keep = _lengths_to_eos(generated, plan.eos_token_ids)
@@ -250,12 +260,12 @@ class CachedModel:
             # Column j of the cache holds the KV of sequences[:, j]; the last token has none.
             stop = min(width + keep, kv_columns)
             tokens = prompt + generated[r, : stop - width].tolist()
-            self._insert_row(tokens, row_kv(past, r, start, stop, spec), namespace)
+            self._insert_row(tokens, row_kv(past, r, start, stop, spec), namespace, tenant)
 
-    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object) -> None:
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object, tenant: object = None) -> None:
         assert self.cache is not None
         if len(tokens) >= self.cache.block_size:
-            self.cache.insert(tokens, kv, namespace=namespace)
+            self.cache.insert(tokens, kv, namespace=namespace, tenant=tenant)
 
     def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
         with self._lock:
@@ -304,12 +314,14 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    shares: Mapping[object, float] | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
     neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
-    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size` and `eviction` go to `PrefixCache`.
+    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction` and `shares` ({namespace:
+    fraction}, the namespaces of `generate(..., namespace=)`) go to `PrefixCache`.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
@@ -320,4 +332,5 @@ def wrap(
         capacity_bytes=capacity_bytes,
         block_size=block_size,
         eviction=eviction,
+        shares=shares,
     )

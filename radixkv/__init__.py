@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .cache import CacheStats, PrefixCache, PrefixMatch
+from .cache import CacheStats, NamespaceStats, PrefixCache, PrefixMatch
 from .eviction import DEFAULT_EVICTION, POLICIES, EvictionPolicy
 from .spec import KVSpec
 
@@ -21,6 +21,7 @@ __all__ = [
     "CacheStats",
     "EvictionPolicy",
     "KVSpec",
+    "NamespaceStats",
     "PrefixCache",
     "PrefixMatch",
     "wrap",
@@ -32,7 +33,7 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction). Needs the `hf` extra (transformers).
+    block_size, eviction, shares). Needs the `hf` extra (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

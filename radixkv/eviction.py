@@ -98,8 +98,8 @@ class Priority(EvictionPolicy):
 
 
 # Policies with their own file import EvictionPolicy from here, so they are imported last.
-from .reuse_odds import ReuseOdds  # noqa: E402
 from .adaptive import Adaptive  # noqa: E402
+from .reuse_odds import ReuseOdds  # noqa: E402
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRU, FIFO, LFU, Priority, ReuseOdds, Adaptive)}
 

@@ -60,7 +60,7 @@ def test_it_switches_to_the_learned_order_under_floods_and_keeps_the_shared_pref
         rng = random.Random(0)
         for _ in range(600):
             if rng.random() < 0.5:
-                total += _serve(cache, hot + [nxt, nxt + 1, nxt + 2, nxt + 3])
+                total += _serve(cache, [*hot, nxt, nxt + 1, nxt + 2, nxt + 3])
             else:
                 total += _serve(cache, list(range(nxt, nxt + 24 * BS)))  # 24 blocks, used once
             nxt += 24 * BS + 4
@@ -95,7 +95,8 @@ def test_a_switch_rekeys_every_evictable_leaf_before_the_next_eviction() -> None
     policy.generation += 1
     cache.evict(BS)
     tree = cache._tree
-    assert all(key == policy.key(tree._evictable_nodes[uid]) for key, uid in tree._evictable)
+    listed = [(key, uid) for g in tree.groups for key, uid in g.evictable]
+    assert listed and all(key == policy.key(tree._evictable_nodes[uid]) for key, uid in listed)
     cache.check_invariants()
 
 
