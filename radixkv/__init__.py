@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .cache import CacheStats, NamespaceStats, PrefixCache, PrefixMatch
-from .eviction import DEFAULT_EVICTION, POLICIES, EvictionPolicy
+from .policies import DEFAULT_EVICTION, POLICIES
+from .policy import EvictionPolicy
 from .spec import KVSpec
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ import math
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .eviction import EvictionPolicy
+from .policy import EvictionPolicy
 from .reuse_odds import ReuseOdds
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from .blocks import BlockAllocator
-from .eviction import DEFAULT_EVICTION, EvictionPolicy, make_policy
 from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from .policies import DEFAULT_EVICTION, make_policy
+from .policy import EvictionPolicy
 from .pool import KVPool, LayerKV
 from .spec import KVSpec
 from .tokens import TokenIds, as_token_list
@@ -329,7 +330,7 @@ class PrefixCache:
             return 0
         with self._lock:
             tree = self._tree
-            now = tree.tick()
+            tree.tick()
             root = tree.get_root(ns_key, root_hash(ns_key), create=True, owner=tree.tenant(tenant_key, tenant_name))
             assert root is not None
             # Pin the root and lock the path, so that the eviction this insert may trigger
@@ -339,7 +340,7 @@ class PrefixCache:
                 node, matched = tree.descend(root, ids, n_full)
                 tree.acquire(node, hit=False, priority=priority)
                 try:
-                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now)
+                    stored = self._store(node, ids, packed, kv, matched, n_full, priority)
                 finally:
                     tree.release(node)
             finally:
@@ -357,7 +358,6 @@ class PrefixCache:
         matched: int,
         n_full: int,
         priority: int,
-        now: int,
     ) -> int:
         """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
         bs = self.block_size
@@ -365,9 +365,7 @@ class PrefixCache:
             return 0
         new_tokens = ids[matched * bs : n_full * bs]
         hashes = chain_hashes(node.last_hash, memoryview(packed)[matched * bs : n_full * bs], bs)
-        want = min(len(hashes), self.policy.admit(node, hashes, now))
-        if want <= 0:
-            return 0
+        want = len(hashes)
         short = want - self._blocks.num_free
         if short > 0:
             self._evict_blocks(short, node.owner)

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 
 from sortedcontainers import SortedList
 
-from .eviction import EvictionPolicy
+from .policy import EvictionPolicy
 
 
 class Group:
