@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from radixkv.integrations.hf import CACHE_KWARG
 from transformers import DynamicCache, PreTrainedModel
 
 from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, generate_streamed
@@ -39,7 +40,7 @@ def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: Benc
         if prefix not in stored:
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
-                model(torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
+                model(torch.tensor([prefix], device=model.device), use_cache=True, **{CACHE_KWARG: cache})
             stored[prefix] = cache
             computed += len(prefix)
         generated, ttft = generate_streamed(
@@ -48,7 +49,7 @@ def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: Benc
             model.device,
             workload.max_new_tokens,
             timer,  # started before the prefix was computed: its first request's TTFT includes that
-            past_key_values=copy.deepcopy(stored[prefix]),
+            **{CACHE_KWARG: copy.deepcopy(stored[prefix])},
         )
         return RequestResult(req.key, req.prompt, generated, ttft, len(prefix), computed)
 

@@ -8,7 +8,7 @@ every request generates one token. Methods, interleaved request by request so th
 the machine's noise:
   - plain:   `model.generate(prompt)`, the whole prompt prefilled;
   - recipe:  transformers' prompt-reuse recipe: a `DynamicCache` of the prefix computed once
-             (not timed), `copy.deepcopy` of it per request (timed), passed as past_key_values;
+             (not timed), `copy.deepcopy` of it per request (timed), passed as the cache argument;
   - radixkv: `radixkv.wrap(model).generate(prompt)` after one warm-up request stored the prefix
              (not timed); the timed call includes the lookup, KV gather and cache build.
 TTFT is measured by a streamer (see timing.py): call start to the first generated token.
@@ -41,6 +41,7 @@ from time import perf_counter
 import torch
 from radixkv.benchmarks.presets import load_model
 from radixkv.benchmarks.timing import FirstTokenTimer
+from radixkv.integrations.hf import CACHE_KWARG
 from transformers import DynamicCache, GenerationConfig
 
 import radixkv
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Setup, not timed: the recipe's prefix cache, and radixkv's store of the prefix.
     recipe_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(prefix, past_key_values=recipe_cache, use_cache=True)
+        model(prefix, use_cache=True, **{CACHE_KWARG: recipe_cache})
     cached = radixkv.wrap(model, capacity_tokens=args.prefix + (args.repeats + 4) * (args.suffix + 16),
                           block_size=args.block_size)  # fmt: skip
     warm = torch.cat([prefix, suffixes[-1]], dim=1)
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             attention_mask=torch.ones_like(ids),
             generation_config=config,
             streamer=t,
-            past_key_values=copy.deepcopy(recipe_cache),
+            **{CACHE_KWARG: copy.deepcopy(recipe_cache)},
         )
 
     def hit(ids: torch.Tensor) -> Callable[[FirstTokenTimer], torch.Tensor]:

@@ -14,21 +14,37 @@ during the call.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import DynamicLayer
 
 from radixkv import KVSpec
 
 from ._hf_layout import BatchLayout
 
-__all__ = ["LayerKV", "ModelKV", "UnsupportedKV", "build_past", "probe_model_kv", "row_kv"]
+__all__ = ["CACHE_KWARG", "LayerKV", "ModelKV", "UnsupportedKV", "build_past", "probe_model_kv", "row_kv"]
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _cache_kwarg() -> str:
+    """The keyword under which the installed transformers takes a cache in `generate` and `forward`.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with a
+    deprecation warning, until 5.40 in `forward` and 6.0 in `generate`). Reading the generation
+    API's own signature follows the installed version without comparing version strings.
+    """
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# Detected once, at import: the name this process passes a pre-filled cache under.
+CACHE_KWARG = _cache_kwarg()
 
 
 class UnsupportedKV(Exception):
@@ -55,7 +71,7 @@ def probe_model_kv(model: Any) -> ModelKV:
     try:
         ids = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
     except Exception as exc:  # e.g. a model that needs more inputs than token ids
         raise UnsupportedKV(f"a 1-token forward pass with a DynamicCache failed ({type(exc).__name__}: {exc})") from exc
     layers = cache.layers

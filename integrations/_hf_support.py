@@ -109,8 +109,9 @@ def analyze_call(
     for name in ("custom_generate", "assistant_model"):
         if arguments.get(name) is not None:
             return Passthrough(f"{name} was passed (it runs its own decoding loop)")
-    if extra.get("past_key_values") is not None:
-        return Passthrough("past_key_values was passed (the caller manages that cache)")
+    for name in ("past_key_values", "cache"):
+        if extra.get(name) is not None:
+            return Passthrough(f"{name} was passed (the caller manages that cache)")
     if extra.get("inputs_embeds") is not None:
         return Passthrough("inputs_embeds was passed (the cache is keyed by token ids)")
 

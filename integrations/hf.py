@@ -21,7 +21,7 @@ import torch
 from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
 from radixkv.hashing import namespace_key
 
-from ._hf_kv import LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
+from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_support import (
     CallPlan,
@@ -33,8 +33,8 @@ from ._hf_support import (
 )
 from ._hf_weights import WeightsWatch
 
-__all__ = ["DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats", "CachedModel",
-           "UncachedWarning", "wrap"]  # fmt: skip
+__all__ = ["CACHE_KWARG", "DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats",
+           "CachedModel", "UncachedWarning", "wrap"]  # fmt: skip
 
 DEFAULT_CPU_CAPACITY_TOKENS = 16_384
 """Default pool size off CUDA, in tokens (capped at a quarter of physical memory)."""
@@ -78,7 +78,7 @@ class CachedModel:
          an exception inside generate inserts nothing.
       4. Passed unchanged to `model.generate`, with one `UncachedWarning` saying why:
          unsupported models (encoder-decoder, recurrent / linear-attention or other non-KV
-         layers, no position_ids), `past_key_values`, `use_cache=False`, `inputs_embeds`,
+         layers, no position_ids), `past_key_values` or `cache`, `use_cache=False`, `inputs_embeds`,
          `assistant_model` and other assisted / hub decoding modes, `cache_implementation`,
          `token_healing`, `output_attentions` / `output_hidden_states`, extra model inputs
          (e.g. `position_ids`, `token_type_ids`), masks that are not left padding, training mode.
@@ -207,7 +207,7 @@ class CachedModel:
         past = build_past(layout, gathered, model_kv, plan.expand)
         del gathered
         extra = plan.bound.arguments.setdefault(plan.var_kwargs, {})
-        extra["past_key_values"] = past
+        extra[CACHE_KWARG] = past
         extra["attention_mask"] = mask
         out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
         self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
