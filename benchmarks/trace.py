@@ -137,19 +137,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eviction", default=DEFAULT_EVICTION, choices=list(POLICIES))
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--host-capacity-tokens", type=int, default=None, help="host-memory tier under the pool")
+    p.add_argument("--disk-path", type=Path, default=None, help="disk tier directory (needs --disk-capacity-bytes)")
+    p.add_argument("--disk-capacity-bytes", type=int, default=None)
     args = p.parse_args(argv)
     # The copies are small; extra intra-op threads only add scheduling noise.
     torch.set_num_threads(1)
     reqs = load_trace(args.trace or find_trace(), args.limit)
     cache = PrefixCache(
-        TINY_SPEC, capacity_tokens=args.capacity_tokens, block_size=args.block_size, eviction=args.eviction
+        TINY_SPEC,
+        capacity_tokens=args.capacity_tokens,
+        block_size=args.block_size,
+        eviction=args.eviction,
+        host_capacity_tokens=args.host_capacity_tokens,
+        disk_path=args.disk_path,
+        disk_capacity_bytes=args.disk_capacity_bytes,
     )
     result = replay(cache, reqs)
     cache.check_invariants()
+    tiers = {name: s.as_dict() for name, s in cache.tier_stats.items()}
     if args.json:
-        print(json.dumps({"eviction": args.eviction, "capacity_tokens": args.capacity_tokens, **asdict(result)}))
+        print(
+            json.dumps(
+                {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens, **asdict(result), "tiers": tiers}
+            )
+        )
     else:
         print(f"{args.eviction:>8} @ {args.capacity_tokens:,} tokens: {result.row()}")
+        for name, st in tiers.items():
+            print(f"    {name}: {st}")
 
 
 if __name__ == "__main__":

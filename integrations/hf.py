@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch
+from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch, RedisOptions
 from radixkv.hashing import namespace_key
 
+from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_support import (
@@ -96,6 +97,10 @@ class CachedModel:
     inserts after the change. Adapter layers (PEFT LoRA etc.: active adapters, disabled, merged)
     pick the namespace instead: switching adapters keeps each adapter's entries apart and warm.
     Not seen: in-place edits through `p.data`; call `cache.clear()` after those.
+    Lower tiers (`host_capacity_tokens`, `disk_path`): entries are keyed by a fingerprint of the
+    model (class, config, every weight's bytes; one pass over the weights at wrap and after each
+    weight change) instead of the epoch, so disk entries serve later processes of the same
+    weights only. The config's JSON includes the transformers version: an upgrade starts afresh.
     Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
@@ -109,6 +114,11 @@ class CachedModel:
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
         shares: Mapping[object, float] | None = None,
+        host_capacity_tokens: int | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_capacity_bytes: int | None = None,
+        shared: str | RedisOptions | None = None,
+        shared_model: str | None = None,
     ) -> None:
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
@@ -123,6 +133,7 @@ class CachedModel:
         self._model_kv: ModelKV | None = None
         self._weights = _weights_dtype_device(model)
         self.cache: PrefixCache | None = None
+        fingerprint: bytes | None = None
         if self.unsupported_reason is None:
             try:
                 self._model_kv = probe_model_kv(model)
@@ -132,6 +143,14 @@ class CachedModel:
             spec = self._model_kv.spec
             if capacity_tokens is None and capacity_bytes is None:
                 capacity_tokens, capacity_bytes = _default_capacity(spec.device, spec.bytes_per_token)
+            # With lower tiers, entries are keyed by what the weights are, not by this process's
+            # epoch count: disk and Redis entries outlive the process (and Redis entries are read
+            # by other replicas), and no one may mistake another model's (or changed weights')
+            # KV for its own. The Redis keys also carry the fingerprint as wrapped.
+            if host_capacity_tokens or disk_path is not None or shared is not None:
+                fingerprint = model_fingerprint(model)
+            if shared is not None and shared_model is None:
+                shared_model = f"radixkv-hf:{fingerprint.hex()}"
             self.cache = PrefixCache(
                 spec,
                 capacity_tokens=capacity_tokens,
@@ -139,7 +158,13 @@ class CachedModel:
                 block_size=block_size,
                 eviction=eviction,
                 shares=shares,
+                host_capacity_tokens=host_capacity_tokens,
+                disk_path=disk_path,
+                disk_capacity_bytes=disk_capacity_bytes,
+                shared=shared,
+                shared_model=shared_model,
             )
+        self._fingerprint: bytes | None = fingerprint if self.cache is not None else None
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self._watch = WeightsWatch(model)  # after the probe's forward pass, which may add buffers
@@ -226,7 +251,15 @@ class CachedModel:
                 self._epoch += 1
                 assert self.cache is not None
                 self.cache.clear()
+                if self._fingerprint is not None:
+                    self._fingerprint = model_fingerprint(self.model)
+            if self._fingerprint is not None:
+                return ("weights", self._fingerprint, adapters)
             return (self._epoch, adapters) if self._epoch or adapters else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until KV queued for the shared tier is written (see `PrefixCache.flush`)."""
+        return self.cache.flush(timeout) if self.cache is not None else True
 
     def _insert(
         self,
@@ -315,16 +348,31 @@ def wrap(
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
     shares: Mapping[object, float] | None = None,
+    host_capacity_tokens: int | None = None,
+    disk_path: str | os.PathLike[str] | None = None,
+    disk_capacity_bytes: int | None = None,
+    shared: str | RedisOptions | None = None,
+    shared_model: str | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
     neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
-    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction` and `shares` ({namespace:
-    fraction}, the namespaces of `generate(..., namespace=)`) go to `PrefixCache`.
+    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction`, `shares` ({namespace:
+    fraction}, the namespaces of `generate(..., namespace=)`) and the lower tiers
+    (`host_capacity_tokens`, `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
+    tier, entries are keyed by a fingerprint of the model (class, config, dtype and a checksum
+    of the weights, recomputed when the weights change), so a restarted process reuses its disk
+    entries and a different model or changed weights never do.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
+    `shared="redis://[:password@]host:port/db"` (or RedisOptions) adds the shared Redis tier:
+    replicas wrapping the same model reuse each other's prefixes. Entries are keyed by the
+    weights fingerprint as above (and the keys by `shared_model`, by default that fingerprint
+    at wrap), so replicas with other weights never read each other's KV. A refused password
+    raises SharedTierError here; an unreachable server warns once and the local cache serves
+    alone until it is back.
     """
     return CachedModel(
         model,
@@ -333,4 +381,9 @@ def wrap(
         block_size=block_size,
         eviction=eviction,
         shares=shares,
+        host_capacity_tokens=host_capacity_tokens,
+        disk_path=disk_path,
+        disk_capacity_bytes=disk_capacity_bytes,
+        shared=shared,
+        shared_model=shared_model,
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import CacheStats, NamespaceStats, PrefixCache, PrefixMatch
 from .policies import DEFAULT_EVICTION, POLICIES
 from .policy import EvictionPolicy
+from .redis_tier import RedisOptions, RedisStats, SharedTierError
 from .spec import KVSpec
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ __all__ = [
     "NamespaceStats",
     "PrefixCache",
     "PrefixMatch",
+    "RedisOptions",
+    "RedisStats",
+    "SharedTierError",
     "wrap",
 ]
 __version__ = "0.1.0"
@@ -34,7 +38,7 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, shares). Needs the `hf` extra (transformers).
+    block_size, eviction, shares, shared, shared_model). Needs the `hf` extra (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

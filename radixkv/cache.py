@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,8 +19,12 @@ from .policies import DEFAULT_EVICTION, make_policy
 from .policy import EvictionPolicy
 from .pool import KVPool, LayerKV
 from .spec import KVSpec
+from .tiers import Tiers, TierStats
 from .tokens import TokenIds, as_token_list
 from .tree import Node, RadixTree, Tenant
+
+if TYPE_CHECKING:
+    from .redis_tier import RedisOptions, RedisStats, RedisTier
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,15 @@ class PrefixMatch:
 
     `num_tokens` (a multiple of the block size), `block_ids` and `block_hashes` (one per
     block, xxh3-64 chained from the namespace). Use as a context manager to release on exit.
+    With lower tiers, `host_tokens`, `disk_tokens` and `shared_tokens` (Redis) say how many of
+    the tokens were promoted from each for this match (`device_tokens` the rest); all of them
+    are in the pool now.
     """
 
-    __slots__ = ("num_tokens", "block_ids", "block_hashes", "namespace", "_cache", "_node", "_released", "_id")
+    __slots__ = (
+        "num_tokens", "block_ids", "block_hashes", "namespace", "host_tokens", "disk_tokens",
+        "shared_tokens", "_cache", "_node", "_released", "_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -93,8 +103,13 @@ class PrefixMatch:
         num_tokens: int,
         namespace: object,
         match_id: int,
+        host_tokens: int = 0,
+        disk_tokens: int = 0,
     ) -> None:
         self.num_tokens = num_tokens
+        self.host_tokens = host_tokens
+        self.disk_tokens = disk_tokens
+        self.shared_tokens = 0
         self.block_ids = block_ids
         self.block_hashes = block_hashes
         self.namespace = namespace
@@ -106,6 +121,11 @@ class PrefixMatch:
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def device_tokens(self) -> int:
+        """Matched tokens that were in the device pool already."""
+        return self.num_tokens - self.host_tokens - self.disk_tokens - self.shared_tokens
 
     def __enter__(self) -> PrefixMatch:
         return self
@@ -132,8 +152,7 @@ class PrefixCache:
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
-        The default, DEFAULT_EVICTION ("adaptive"), is LRU unless a sampled replay shows the
-        learned reuse order winning.
+        The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
       - Entries in different namespaces never share nodes or blocks.
       - `shares={tenant: fraction}` guarantees each listed tenant that fraction of the blocks;
         unlisted tenants share the rest. Under pressure, blocks go first from tenants above their
@@ -145,6 +164,21 @@ class PrefixCache:
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
         outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
+      - Lower tiers (optional; without them nothing changes): `host_capacity_tokens` keeps
+        evicted blocks in host memory, `disk_path` + `disk_capacity_bytes` keeps what leaves
+        the host (or the pool, without a host tier) in files that later processes reuse.
+        `match` promotes the longest lower-tier continuation into the pool before it returns
+        (`PrefixMatch.host_tokens` / `disk_tokens`); disk files are read and written without
+        the cache lock. `clear()` also empties the host tier; disk files stay. See `Tiers`.
+      - Shared tier (optional): `shared="redis://[:password@]host:port/db"` (or RedisOptions)
+        with `shared_model`, a fingerprint of the model and its weights (wrap computes it), is
+        the lowest tier. A match still short of the query after the local tiers fetches the
+        longest verified continuation from Redis (one round trip per batch of blocks, without
+        the cache lock) and promotes it (`PrefixMatch.shared_tokens`). `insert` queues the
+        blocks it newly stores for a background writer. `flush()` waits for queued writes;
+        `close()` stops the writer; `clear()` leaves Redis as it is. Server trouble never raises
+        from match or insert (it is counted in `shared_stats`); a refused password raises at
+        construction. See RedisTier.
     Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
     for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
@@ -159,6 +193,11 @@ class PrefixCache:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        host_capacity_tokens: int | None = None,
+        disk_path: str | os.PathLike[str] | None = None,
+        disk_capacity_bytes: int | None = None,
+        shared: str | RedisOptions | None = None,
+        shared_model: str | bytes | None = None,
         shares: Mapping[object, float] | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
@@ -179,6 +218,7 @@ class PrefixCache:
                 f"than one block ({block_size} tokens x {spec.bytes_per_token} bytes)"
             )
         _check_fits(which, num_blocks * block_size * spec.bytes_per_token, spec.device)
+        host_blocks = _check_tiers(spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes)
         self.spec = spec
         self.block_size = block_size
         share_blocks = _share_blocks(shares, num_blocks)
@@ -191,6 +231,15 @@ class PrefixCache:
         self._lock = threading.RLock()
         self._live: dict[int, PrefixMatch] = {}
         self._next_match = 0
+        self._tiers: Tiers | None = None
+        if host_blocks or disk_path is not None:
+            self._tiers = Tiers(self, host_blocks, disk_path, disk_capacity_bytes)
+            self._tree.on_evict = self._tiers.demote
+        self._shared: RedisTier | None = None
+        if shared is not None:
+            self._shared = _make_shared(shared, shared_model, spec, block_size)
+        elif shared_model is not None:
+            raise ValueError("shared_model is only used with shared (a redis:// URL)")
         self.reset_stats()
 
     # ----- properties ------------------------------------------------------------------
@@ -234,6 +283,32 @@ class PrefixCache:
             self._inserted_tokens = self._evicted_tokens = self._dropped_tokens = 0
             for t in self._tree.tenants.values():
                 t.query_tokens = t.hit_tokens = 0
+            if self._tiers is not None:
+                self._tiers.reset_stats()
+        if self._shared is not None:
+            self._shared.reset_stats()
+
+    @property
+    def shared_stats(self) -> RedisStats | None:
+        """Counters of the shared (Redis) tier; None without one."""
+        return self._shared.snapshot() if self._shared is not None else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the writes queued for the shared tier are stored or dropped (False if
+        `timeout` seconds ran out first). Without a shared tier, returns True at once."""
+        return self._shared.flush(timeout) if self._shared is not None else True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and stop using the shared tier (local tiers keep serving). Idempotent."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close(timeout)
+
+    @property
+    def tier_stats(self) -> dict[str, TierStats]:
+        """Counters of the lower tiers by name ("host", "disk"); empty without tiers."""
+        with self._lock:
+            return self._tiers.stats() if self._tiers is not None else {}
 
     def __repr__(self) -> str:
         s = self.stats
@@ -246,33 +321,126 @@ class PrefixCache:
     def match(self, token_ids: TokenIds, namespace: object = None, *, tenant: object = None) -> PrefixMatch:
         """Longest cached whole-block prefix of `token_ids`, locked until `release`.
         `tenant` (default: the namespace) is whose counters the lookup feeds; see `insert`."""
-        ids, _ = as_token_list(token_ids, "token_ids")
+        ids, packed = as_token_list(token_ids, "token_ids")
         ns_key, tenant_key, tenant_name = _keys(namespace, tenant)
         with self._lock:
-            self._lookups += 1
-            self._query_tokens += len(ids)
-            owner = self._tree.tenant(tenant_key, tenant_name)
-            owner.query_tokens += len(ids)
-            self._tree.tick()
-            root = self._tree.get_root(ns_key, 0, create=False)
-            node: Node | None = None
-            block_ids: list[int] = []
-            hashes: list[int] = []
-            if root is not None:
-                deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
-                if matched:
-                    node = deepest
-                    self._tree.acquire(node, hit=True)
-                    for n in RadixTree.path(node):
-                        block_ids += n.block_ids
-                        hashes += n.block_hashes
-            num_tokens = len(block_ids) * self.block_size
-            self._hit_tokens += num_tokens
-            owner.hit_tokens += num_tokens
-            self._next_match += 1
-            m = PrefixMatch(self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match)
-            self._live[m._id] = m
+            self._tree.tenant(tenant_key, tenant_name, ns_key)  # the namespace's owner, for the counters
+        if self._tiers is not None:
+            m = self._tiers.match(ids, packed, ns_key, namespace)
+        else:
+            with self._lock:
+                m = self._match_locked(ids, ns_key, namespace)
+        if self._shared is not None and m.num_tokens < len(ids) // self.block_size * self.block_size:
+            # (_extend_from_shared reads self._shared again: close() may have dropped it.)
+            try:
+                m = self._extend_from_shared(m, ids, packed, ns_key, namespace)
+            except BaseException:
+                if not m.released:
+                    self.release(m)
+                raise
+        return m
+
+    def _extend_from_shared(
+        self, m: PrefixMatch, ids: list[int], packed: array, ns_key: bytes, namespace: object
+    ) -> PrefixMatch:
+        """Fetch the continuation of `m` (live, locked) from the shared tier and promote it;
+        returns the longer match that replaces `m` (released then), or `m` itself."""
+        shared, bs = self._shared, self.block_size
+        if shared is None or not shared.up:
             return m
+        start, stop = m.num_tokens // bs, len(ids) // bs
+        if (stop - start) * bs < max(shared.options.min_tokens, 1):
+            return m
+        prev = m.block_hashes[-1] if m.block_hashes else root_hash(ns_key)
+        hashes = chain_hashes(prev, memoryview(packed)[start * bs : stop * bs], bs)
+        # Without the cache lock: a round trip per batch. m's lock keeps its path in the tree.
+        kv = shared.read(ns_key, prev, hashes, ids[start * bs : stop * bs])  # [k, L, 2, H, bs, D]
+        k = kv.shape[0]
+        if k == 0:
+            return m
+        with self._lock:
+            promoted = self._promote_shared(ids, ns_key, start, hashes[:k], kv)
+            # The longer match replaces m; the lookup is counted once.
+            self._lookups -= 1
+            self._query_tokens -= len(ids)
+            self._hit_tokens -= m.num_tokens
+            owner = self._tree.owner_of(ns_key)
+            owner.query_tokens -= len(ids)
+            owner.hit_tokens -= m.num_tokens
+            longer = self._match_locked(ids, ns_key, namespace, m.host_tokens, m.disk_tokens)
+            longer.shared_tokens = min(promoted * bs, longer.num_tokens - m.num_tokens)
+            self.release(m)
+        if self._tiers is not None:
+            self._tiers.flush()  # disk writes of what the promotion demoted, without the lock
+        return longer
+
+    def _promote_shared(self, ids: list[int], ns_key: bytes, start: int, hashes: list[int], kv: torch.Tensor) -> int:
+        """Attach blocks [start, start + len(hashes)) of `ids` with KV `kv` (lock held), past
+        whatever the tree holds of them by now; returns the blocks written into the pool."""
+        tree, bs, n = self._tree, self.block_size, len(hashes)
+        root = tree.get_root(ns_key, root_hash(ns_key), create=True)
+        assert root is not None
+        root.lock_ref += 1  # pin the namespace and the path while evicting, as insert does
+        try:
+            node, matched = tree.descend(root, ids, start + n)
+            skip = matched - start  # blocks another thread stored meanwhile
+            if skip >= n or skip < 0:  # skip < 0: a clear() detached m's path; nothing to extend
+                return 0
+            tree.acquire(node, hit=False)
+            try:
+                want = n - skip
+                short = want - self._blocks.num_free
+                if short > 0:
+                    self._evict_blocks(short, root.owner)
+                take = min(want, self._blocks.num_free)
+                self._dropped_tokens += (want - take) * bs
+                if take == 0:
+                    return 0
+                block_ids = self._blocks.allocate(take)
+                try:
+                    self._pool.write_blocks(block_ids, kv[skip : skip + take])
+                except BaseException:
+                    self._blocks.free(block_ids)
+                    raise
+                tree.attach(node, ids[matched * bs : (matched + take) * bs], block_ids, hashes[skip : skip + take], 0)
+                return take
+            finally:
+                self._blocks.free(tree.release(node))
+        finally:
+            root.lock_ref -= 1
+            tree.drop_root_if_empty(root)
+
+    def _match_locked(
+        self, ids: list[int], ns_key: bytes, namespace: object, host_tokens: int = 0, disk_tokens: int = 0
+    ) -> PrefixMatch:
+        """The device match (lock held); the tiers pass what they promoted for it."""
+        self._lookups += 1
+        self._query_tokens += len(ids)
+        owner = self._tree.owner_of(ns_key)
+        owner.query_tokens += len(ids)
+        self._tree.tick()
+        root = self._tree.get_root(ns_key, 0, create=False)
+        node: Node | None = None
+        block_ids: list[int] = []
+        hashes: list[int] = []
+        if root is not None:
+            deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
+            if matched:
+                node = deepest
+                self._tree.acquire(node, hit=True)
+                for n in RadixTree.path(node):
+                    block_ids += n.block_ids
+                    hashes += n.block_hashes
+        num_tokens = len(block_ids) * self.block_size
+        self._hit_tokens += num_tokens
+        owner.hit_tokens += num_tokens
+        self._next_match += 1
+        m = PrefixMatch(
+            self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match,
+            host_tokens, disk_tokens,
+        )  # fmt: skip
+        self._live[m._id] = m
+        return m
 
     def release(self, match: PrefixMatch) -> None:
         """Unlock a match's blocks. Releasing twice, or a match of another cache, raises ValueError."""
@@ -330,8 +498,9 @@ class PrefixCache:
             return 0
         with self._lock:
             tree = self._tree
-            tree.tick()
-            root = tree.get_root(ns_key, root_hash(ns_key), create=True, owner=tree.tenant(tenant_key, tenant_name))
+            now = tree.tick()
+            owner = tree.tenant(tenant_key, tenant_name, ns_key)
+            root = tree.get_root(ns_key, root_hash(ns_key), create=True, owner=owner)
             assert root is not None
             # Pin the root and lock the path, so that the eviction this insert may trigger
             # cannot remove the node it extends (or forget the namespace).
@@ -340,14 +509,16 @@ class PrefixCache:
                 node, matched = tree.descend(root, ids, n_full)
                 tree.acquire(node, hit=False, priority=priority)
                 try:
-                    stored = self._store(node, ids, packed, kv, matched, n_full, priority)
+                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now, ns_key)
                 finally:
                     tree.release(node)
             finally:
                 root.lock_ref -= 1
                 tree.drop_root_if_empty(root)
             self._inserted_tokens += stored * bs
-            return stored * bs
+        if self._tiers is not None:
+            self._tiers.flush()  # disk writes of what the insert demoted, without the lock
+        return stored * bs
 
     def _store(
         self,
@@ -358,6 +529,8 @@ class PrefixCache:
         matched: int,
         n_full: int,
         priority: int,
+        now: int,
+        ns_key: bytes,
     ) -> int:
         """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
         bs = self.block_size
@@ -371,6 +544,11 @@ class PrefixCache:
             self._evict_blocks(short, node.owner)
         take = min(want, self._blocks.num_free)
         self._dropped_tokens += (want - take) * bs
+        if take < want and self._tiers is not None:  # no room in the pool: keep the rest below
+            prev = hashes[take - 1] if take else node.last_hash
+            self._tiers.store_below(
+                node, prev, hashes[take:want], new_tokens[take * bs : want * bs], kv, matched + take
+            )
         if take == 0:
             return 0
         block_ids = self._blocks.allocate(take)
@@ -379,7 +557,17 @@ class PrefixCache:
         except BaseException:
             self._blocks.free(block_ids)  # never linked: nothing half-written is reachable
             raise
+        parent_hash = node.last_hash
         self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
+        shared = self._shared  # read once: close() may drop it from another thread
+        if shared is not None:
+            # Write-through: the copy is taken now (under the lock, before the blocks can be
+            # evicted), only if the queue has room; the writer thread serialises and sends it.
+            pool = self._pool
+            shared.write(
+                ns_key, parent_hash, hashes[:take], new_tokens[: take * bs],
+                lambda: pool.read_blocks(block_ids).to("cpu"),
+            )  # fmt: skip
         return take
 
     def _check_kv(self, kv: object, num_tokens: int) -> None:
@@ -412,7 +600,10 @@ class PrefixCache:
         _check_int("num_tokens", num_tokens, minimum=0)
         with self._lock:
             blocks = -(-num_tokens // self.block_size)
-            return self._evict_blocks(blocks) * self.block_size
+            evicted = self._evict_blocks(blocks) * self.block_size
+        if self._tiers is not None:
+            self._tiers.flush()
+        return evicted
 
     def _evict_blocks(self, num_blocks: int, requester: Tenant | None = None) -> int:
         freed = self._tree.evict(num_blocks, requester)
@@ -424,6 +615,8 @@ class PrefixCache:
         """Drop every entry. Blocks of live matches stay readable until those are released."""
         with self._lock:
             self._blocks.free(self._tree.clear())
+            if self._tiers is not None:
+                self._tiers.clear()
 
     # ----- integrity -------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -468,6 +661,8 @@ class PrefixCache:
                 want_h = chain_hashes(node.parent.last_hash, pack_tokens(node.tokens), self.block_size)
                 assert want_h == node.block_hashes, f"{node} has block hashes that do not match its tokens"
             self.policy.check()
+            if self._tiers is not None:
+                self._tiers.check()
 
     def refcount(self, block_id: int) -> int:
         """Holders of a block: 1 for the tree (if cached) + live matches covering it. O(nodes)."""
@@ -515,6 +710,53 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _make_shared(shared: object, shared_model: object, spec: KVSpec, block_size: int) -> RedisTier:
+    """Validate the shared-tier arguments and connect (SharedTierError on a refused password)."""
+    from .redis_tier import RedisOptions, RedisTier
+
+    if isinstance(shared, str):
+        options = RedisOptions(shared)
+    elif isinstance(shared, RedisOptions):
+        options = shared
+    else:
+        raise TypeError(f"shared must be a redis:// URL or RedisOptions, got {type(shared).__name__}")
+    if shared_model is None:
+        raise ValueError(
+            "shared needs shared_model: a fingerprint of the model and its weights (radixkv.wrap computes "
+            "one), so that replicas of other models never read each other's KV"
+        )
+    if not isinstance(shared_model, (str, bytes)) or not shared_model:
+        raise TypeError(f"shared_model must be a non-empty str or bytes, got {shared_model!r:.60}")
+    return RedisTier(options, spec, block_size, shared_model)
+
+
+def _check_tiers(
+    spec: KVSpec,
+    block_size: int,
+    host_capacity_tokens: int | None,
+    disk_path: object,
+    disk_capacity_bytes: int | None,
+) -> int:
+    """Validate the lower-tier arguments; returns the host tier's size in blocks."""
+    host_blocks = 0
+    if host_capacity_tokens is not None:
+        _check_int("host_capacity_tokens", host_capacity_tokens, minimum=0)
+        host_blocks = host_capacity_tokens // block_size
+        _check_fits("host_capacity_tokens", host_blocks * block_size * spec.bytes_per_token, "cpu")
+    if disk_capacity_bytes is not None:
+        _check_int("disk_capacity_bytes", disk_capacity_bytes, minimum=0)
+        if disk_path is None:
+            raise ValueError("disk_capacity_bytes needs disk_path (the directory of the disk tier)")
+    if disk_path is not None:
+        if not isinstance(disk_path, (str, os.PathLike)):
+            raise TypeError(f"disk_path must be a str or os.PathLike, got {type(disk_path).__name__}")
+        if disk_capacity_bytes is None:
+            raise ValueError("disk_path needs disk_capacity_bytes (the most bytes the disk tier may use)")
+        if os.path.exists(disk_path) and not os.path.isdir(disk_path):
+            raise ValueError(f"disk_path={os.fspath(disk_path)!r} exists and is not a directory")
+    return host_blocks
 
 
 def _check_fits(which: str, nbytes: int, device: torch.device | Any) -> None:

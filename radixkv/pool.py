@@ -79,6 +79,18 @@ class KVPool:
             out.append((k, v))
         return out
 
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Blocks `block_ids` as `[n, L, 2, H, block_size, D]` (a fresh copy, on the pool's device):
+        the one layout the host and disk tiers keep, block after block."""
+        return self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
+
+    def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+        """Copy `blocks` (`[n, L, 2, H, block_size, D]`, any device) into `block_ids`; one copy."""
+        if not block_ids:
+            return
+        src = blocks.to(self.data.device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D]
+        self.data.index_copy_(3, self._index(block_ids), src)
+
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.
         return torch.frombuffer(array("q", block_ids), dtype=torch.int64).to(self.data.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from sortedcontainers import SortedList
 
@@ -122,6 +122,7 @@ class RadixTree:
         self._rest = Group(rest if shares else None)
         self.groups: list[Group] = [*self._share_groups.values(), self._rest]
         self.tenants: dict[bytes, Tenant] = {}
+        self._ns_owner: dict[bytes, Tenant] = {}  # namespace key -> its tenant
         self._evictable_nodes: dict[int, Node] = {}
         self._clock = 0
         self._generation = policy.generation  # the policy's order the keys in _evictable follow
@@ -129,6 +130,9 @@ class RadixTree:
         self.num_blocks = 0  # blocks referenced by the tree
         self.num_locked_blocks = 0  # blocks of nodes with lock_ref > 0, detached ones included
         self.num_nodes = 0  # non-root nodes
+        # Called as on_evict(node, first) before blocks [first:] of `node` leave by eviction,
+        # while their KV is still in the pool (the lower tiers copy it out). None: no tiers.
+        self.on_evict: Callable[[Node, int], None] | None = None
 
     # ----- clock and nodes -------------------------------------------------------------
     def tick(self) -> int:
@@ -140,18 +144,28 @@ class RadixTree:
         self._next_uid += 1
         return node
 
-    def tenant(self, key: bytes, name: object) -> Tenant:
-        """The tenant record of `key` (created on first use; `name` is what stats show)."""
+    def tenant(self, key: bytes, name: object, ns_key: bytes | None = None) -> Tenant:
+        """The tenant record of `key` (created on first use; `name` is what stats show), noted
+        as the owner of namespace `ns_key` when given."""
         t = self.tenants.get(key)
         if t is None:
             t = self.tenants[key] = Tenant(key, name, self._share_groups.get(key, self._rest))
+        if ns_key is not None:
+            self._ns_owner[ns_key] = t
         return t
 
+    def owner_of(self, ns_key: bytes) -> Tenant:
+        """The tenant that owns namespace `ns_key` (the namespace itself if none was noted)."""
+        t = self._ns_owner.get(ns_key)
+        return t if t is not None else self.tenant(ns_key, None, ns_key)
+
     def get_root(self, ns_key: bytes, root_hash: int, create: bool, owner: Tenant | None = None) -> Node | None:
-        """The root of namespace `ns_key`; created (owned by `owner`) when `create`."""
+        """The root of namespace `ns_key`; created when `create`, owned by `owner` (default: the
+        namespace's noted owner)."""
         root = self.roots.get(ns_key)
         if root is None and create:
-            assert owner is not None
+            if owner is None:
+                owner = self.owner_of(ns_key)
             root = self._new_node(None)
             root.ns_key = ns_key
             root.root_hash = root_hash
@@ -345,6 +359,8 @@ class RadixTree:
             node = self._evictable_nodes[uid]
             take = min(num_blocks - len(freed), len(node.block_ids), allowed)
             now = self._clock
+            if self.on_evict is not None:
+                self.on_evict(node, len(node.block_ids) - take)
             self.num_blocks -= take
             node.owner.blocks -= take
             g.blocks -= take

@@ -1,0 +1,351 @@
+"""Lower tiers under the device pool: demotion on eviction, promotion on match."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import TYPE_CHECKING
+
+import torch
+import xxhash
+
+from .disk_tier import DiskTier
+from .hashing import root_hash
+from .host_tier import HostTier, Run
+from .pool import LayerKV
+
+if TYPE_CHECKING:
+    from .cache import PrefixCache, PrefixMatch
+    from .tree import Node
+
+MIN_HOST_LOAD_TOKENS = 1
+"""A host hit of at least this many tokens is promoted (a memory copy beats any recompute)."""
+MIN_DISK_LOAD_TOKENS = 64
+"""A disk hit shorter than this is recomputed instead: a file open costs more than a few tokens."""
+_WAIT_SECONDS = 60.0  # a thread waiting on another's load of the same prefix gives up after this
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """Counters of one lower tier ("host" or "disk"). Tokens are multiples of the block size.
+
+    hits: matches that promoted at least one block from the tier. promoted_tokens: tokens
+    copied from it into the device pool. demoted_tokens: tokens stored into it on eviction.
+    bytes_read / bytes_written: KV bytes moved out of / into it. load_seconds: time spent
+    reading it for promotions. files_skipped: disk files that could not serve (truncated,
+    corrupt, mismatched, vanished). cached_tokens / capacity: what it holds now and at most
+    (disk capacity in bytes). enabled: False once a disk tier turned itself off.
+    """
+
+    hits: int
+    promoted_tokens: int
+    demoted_tokens: int
+    bytes_read: int
+    bytes_written: int
+    load_seconds: float
+    files_skipped: int
+    cached_tokens: int
+    capacity: int
+    enabled: bool
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return dict(self.__dict__)
+
+
+class Tiers:
+    """The host and disk tiers of one PrefixCache, and the moves between them and the pool.
+
+    Demotion (`demote`, called by the tree under the cache lock as blocks are evicted): the
+    blocks' KV goes to the host tier; runs the host tier evicts, or every run when there is no
+    host tier, are queued for the disk and written by `flush` after the cache lock is released.
+    Promotion (`match`): the longest prefix over device, then host, then disk (a host run
+    followed by a disk run) is copied into the pool before the match is taken, so the caller
+    sees one ordinary device match. Disk files are read with the cache lock released; threads
+    asking for the same disk prefix at once wait for the first one's load instead of repeating
+    it. A promotion that does not fit in the pool (locked blocks) stores the prefix that does.
+    """
+
+    def __init__(
+        self,
+        cache: PrefixCache,
+        host_blocks: int,
+        disk_path: str | PathLike[str] | None,
+        disk_capacity_bytes: int | None,
+    ) -> None:
+        self.cache = cache
+        spec, bs = cache.spec, cache.block_size
+        pin = torch.device(spec.device).type == "cuda"
+        self.host = HostTier(spec, bs, host_blocks, pin=pin) if host_blocks else None
+        self.disk = DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs) if disk_path is not None else None
+        if self.host is not None:
+            self.host.spill = self.disk is not None
+        self.min_host_tokens = MIN_HOST_LOAD_TOKENS
+        self.min_disk_tokens = MIN_DISK_LOAD_TOKENS
+        self._pending: list[tuple[Run, torch.Tensor]] = []
+        self._pending_lock = threading.Lock()
+        self._loading: dict[tuple[bytes, int], threading.Event] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._hits = {"host": 0, "disk": 0}
+        self._promoted = {"host": 0, "disk": 0}
+        self._demoted = {"host": 0, "disk": 0}
+        self._load_s = {"host": 0.0, "disk": 0.0}
+        self._disk_base = self.disk.snapshot() if self.disk is not None else None
+        self._host_base = (self.host.stats.bytes_in, self.host.stats.bytes_out) if self.host is not None else (0, 0)
+
+    def stats(self) -> dict[str, TierStats]:
+        out: dict[str, TierStats] = {}
+        bs = self.cache.block_size
+        if self.host is not None:
+            h = self.host.stats
+            out["host"] = TierStats(
+                hits=self._hits["host"],
+                promoted_tokens=self._promoted["host"],
+                demoted_tokens=self._demoted["host"],
+                bytes_read=h.bytes_out - self._host_base[1],
+                bytes_written=h.bytes_in - self._host_base[0],
+                load_seconds=self._load_s["host"],
+                files_skipped=0,
+                cached_tokens=self.host.num_held * bs,
+                capacity=self.host.num_blocks * bs,
+                enabled=True,
+            )
+        if self.disk is not None:
+            d, b = self.disk.snapshot(), self._disk_base
+            assert b is not None
+            out["disk"] = TierStats(
+                hits=self._hits["disk"],
+                promoted_tokens=self._promoted["disk"],
+                demoted_tokens=(d.blocks_written - b.blocks_written) * bs,
+                bytes_read=d.bytes_read - b.bytes_read,
+                bytes_written=d.bytes_written - b.bytes_written,
+                load_seconds=d.load_seconds - b.load_seconds,
+                files_skipped=d.files_skipped - b.files_skipped,
+                cached_tokens=self.disk.held_blocks() * bs,
+                capacity=self.disk.capacity_bytes,
+                enabled=d.enabled,
+            )
+        return out
+
+    # ----- demotion --------------------------------------------------------------------
+    def demote(self, node: Node, first: int) -> None:
+        """Blocks [first:] of `node` are being evicted (cache lock held): keep their KV below."""
+        cache, bs = self.cache, self.cache.block_size
+        parent = node.parent
+        assert parent is not None
+        prev = node.block_hashes[first - 1] if first else parent.last_hash
+        root = parent
+        while root.parent is not None:
+            root = root.parent
+        hashes = node.block_hashes[first:]
+        tokens = node.tokens[first * bs :]
+        blocks = cache._pool.read_blocks(node.block_ids[first:])  # [n, L, 2, H, bs, D]
+        if self.host is not None:
+            self._demoted["host"] += len(hashes) * bs
+            self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
+        else:
+            self._queue([(Run(root.ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])
+
+    def store_below(
+        self, node: Node, prev: int, hashes: list[int], tokens: list[int], kv: Sequence[LayerKV], first_block: int
+    ) -> None:
+        """An insert found no room in the pool for blocks `hashes` (chained from `prev`, in
+        `node`'s namespace; block i's KV starts at token `(first_block + i) * block_size` of
+        `kv`): they go to the lower tiers directly instead of being dropped (cache lock held)."""
+        bs, spec = self.cache.block_size, self.cache.spec
+        n = len(hashes)
+        start, stop = first_block * bs, (first_block + n) * bs
+        # per layer (K, V) [1, H, T, D] -> [L, 2, H, n * bs, D] -> [n, L, 2, H, bs, D]
+        stacked = torch.stack([torch.stack((k[0, :, start:stop], v[0, :, start:stop])) for k, v in kv])
+        blocks = stacked.view(spec.num_layers, 2, spec.num_kv_heads, n, bs, spec.head_dim).permute(3, 0, 1, 2, 4, 5)
+        root = node
+        while root.parent is not None:
+            root = root.parent
+        if self.host is not None:
+            self._demoted["host"] += n * bs
+            self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
+        else:
+            self._queue([(Run(root.ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])
+
+    def _queue(self, runs: list[tuple[Run, torch.Tensor]]) -> None:
+        if runs and self.disk is not None and self.disk.enabled:
+            with self._pending_lock:
+                self._pending += runs
+
+    def flush(self) -> None:
+        """Write the runs queued for the disk (call without the cache lock held)."""
+        if not self._pending:
+            return
+        with self._pending_lock:
+            runs, self._pending = self._pending, []
+        disk = self.disk
+        assert disk is not None
+        for run, kv in runs:
+            disk.write(run.ns_key, run.parent_hash, run.hashes, run.tokens, kv)
+
+    def clear(self) -> None:
+        """Drop the host tier's blocks (cache lock held); the disk keeps its files."""
+        if self.host is not None:
+            self.host.evict_all()
+
+    # ----- promotion -------------------------------------------------------------------
+    def match(self, ids: list[int], packed: object, ns_key: bytes, namespace: object) -> PrefixMatch:
+        """The cache's `match` with lower tiers: promote, then take the device match."""
+        cache = self.cache
+        bs = cache.block_size
+        n_q = len(ids) // bs
+        raw = memoryview(packed).cast("B")  # type: ignore[arg-type]
+        loaded: tuple[int, list[int], torch.Tensor] | None = None  # (first block, hashes, KV)
+        tried_disk = waited = False
+        event: threading.Event | None = None
+        key: tuple[bytes, int] | None = None
+        try:
+            while True:
+                wait_on: threading.Event | None = None
+                read_plan: tuple[int, int, list[int]] | None = None
+                with cache._lock:
+                    tree = cache._tree
+                    root = tree.get_root(ns_key, 0, create=False)
+                    node, m = tree.descend(root, ids, n_q) if root is not None else (None, 0)
+                    prev = node.last_hash if node is not None else root_hash(ns_key)
+                    hashes = self._lower_chain(prev, raw, m, n_q)
+                    host_n = 0
+                    if self.host is not None and hashes:
+                        host_n = self.host.count(ns_key, prev, hashes, ids[m * bs : (m + len(hashes)) * bs])
+                        if host_n * bs < self.min_host_tokens:
+                            host_n = 0
+                    disk_n = 0
+                    if self.disk is not None and not tried_disk and host_n < len(hashes):
+                        disk_n = self.disk.count(hashes[host_n:])
+                    if disk_n and disk_n * bs >= self.min_disk_tokens:
+                        k = (ns_key, hashes[host_n])
+                        other = self._loading.get(k)
+                        if other is not None and not waited:
+                            wait_on = other
+                        else:
+                            if other is None:
+                                event, key = threading.Event(), k
+                                self._loading[k] = event
+                            disk_prev = hashes[host_n - 1] if host_n else prev
+                            read_plan = (m + host_n, disk_prev, hashes[host_n : host_n + disk_n])
+                    else:
+                        host_tok, disk_tok = self._promote(node, m, prev, hashes, host_n, loaded, ids, ns_key)
+                        return cache._match_locked(ids, ns_key, namespace, host_tok, disk_tok)
+                # Outside the cache lock: wait for another thread's load, or read the files.
+                if wait_on is not None:
+                    wait_on.wait(_WAIT_SECONDS)
+                    waited = True
+                    continue
+                assert read_plan is not None and self.disk is not None
+                tried_disk = True
+                start, disk_prev, want = read_plan
+                t0 = time.perf_counter()
+                kv = self.disk.read(ns_key, disk_prev, want, ids[start * bs : (start + len(want)) * bs])
+                self._load_s["disk"] += time.perf_counter() - t0
+                if kv.shape[0]:
+                    loaded = (start, want[: kv.shape[0]], kv)
+        finally:
+            if event is not None:
+                with cache._lock:
+                    del self._loading[key]  # type: ignore[arg-type]
+                event.set()
+            self.flush()
+
+    def _lower_chain(self, prev: int, raw: memoryview, start: int, stop: int) -> list[int]:
+        """Chain hashes of blocks [start, stop) of the query, as long as a lower tier holds them:
+        one xxh3 call and two dict lookups per block, and just one of each on a miss."""
+        step = 8 * self.cache.block_size
+        host, disk = self.host, self.disk
+        digest = xxhash.xxh3_64_intdigest
+        out: list[int] = []
+        h = prev
+        for b in range(start, stop):
+            h = digest(raw[b * step : (b + 1) * step], h)
+            if not ((host is not None and h in host) or (disk is not None and h in disk)):
+                break
+            out.append(h)
+        return out
+
+    def _promote(
+        self,
+        node: Node | None,
+        m: int,
+        prev: int,
+        hashes: list[int],
+        host_n: int,
+        loaded: tuple[int, list[int], torch.Tensor] | None,
+        ids: list[int],
+        ns_key: bytes,
+    ) -> tuple[int, int]:
+        """Copy the host run and the loaded disk run (where it still follows the device match)
+        into the pool under `node` (cache lock held). Returns tokens promoted from each tier."""
+        cache, tree, bs = self.cache, self.cache._tree, self.cache.block_size
+        disk_n = 0
+        if loaded is not None and loaded[0] == m + host_n:
+            disk_n = len(loaded[1])
+            if hashes[host_n : host_n + disk_n] != loaded[1]:
+                disk_n = 0  # the tree changed meanwhile; the next match will find its way
+        n = host_n + disk_n
+        if n == 0:
+            return 0, 0
+        t0 = time.perf_counter()
+        parts = []
+        if host_n:
+            assert self.host is not None
+            parts.append(self.host.take(hashes[:host_n]))
+        if disk_n:
+            assert loaded is not None
+            parts.append(loaded[2][:disk_n].to(cache.spec.device))
+        blocks = parts[0] if len(parts) == 1 else torch.cat([p.to(cache.spec.device) for p in parts])
+        root = tree.get_root(ns_key, root_hash(ns_key), create=True)
+        assert root is not None
+        if node is None:
+            node = root
+        tokens = ids[m * bs : (m + n) * bs]
+        root.lock_ref += 1  # pin the namespace and the path, as insert does, while evicting
+        try:
+            tree.acquire(node, hit=False)
+            try:
+                short = n - cache._blocks.num_free
+                if short > 0:
+                    cache._evict_blocks(short)
+                take = min(n, cache._blocks.num_free)
+                if take:
+                    block_ids = cache._blocks.allocate(take)
+                    try:
+                        cache._pool.write_blocks(block_ids, blocks[:take])
+                    except BaseException:
+                        cache._blocks.free(block_ids)
+                        raise
+                    tree.attach(node, tokens[: take * bs], block_ids, hashes[:take], 0)
+                if take < host_n:  # what did not fit goes back where it was
+                    assert self.host is not None
+                    back_prev = hashes[take - 1] if take else prev
+                    self._queue(
+                        self.host.put(ns_key, back_prev, hashes[take:host_n], tokens[take * bs :], blocks[take:host_n])
+                    )
+            finally:
+                cache._blocks.free(tree.release(node))
+        finally:
+            root.lock_ref -= 1
+            tree.drop_root_if_empty(root)
+        host_tok = min(take, host_n) * bs
+        disk_tok = max(0, take - host_n) * bs
+        if host_tok:
+            self._hits["host"] += 1
+            self._promoted["host"] += host_tok
+            self._load_s["host"] += time.perf_counter() - t0
+        if disk_tok:
+            self._hits["disk"] += 1
+            self._promoted["disk"] += disk_tok
+        return host_tok, disk_tok
+
+    def check(self) -> None:
+        if self.host is not None:
+            self.host.check()
+        if self.disk is not None:
+            self.disk.check()
