@@ -202,3 +202,20 @@ def test_random_operations_with_shares_keep_every_invariant() -> None:
         cache.release(m)
     cache.check_invariants()
     assert cache.stats.evicted_tokens > 0
+
+
+def test_shares_with_a_host_tier_keep_every_count_exact() -> None:
+    """Evictions demote to the host tier and matches promote back from it; the tenants' and
+    groups' block counts (rechecked by check_invariants) and counters stay exact."""
+    rng = random.Random("shares-host")
+    cache = _cache(24, shares={"A": 0.5}, host_capacity_tokens=64 * BS)
+    for _ in range(400):
+        ns = rng.choice(["A", "B"])
+        ids = _prompt(rng.randrange(10), rng.randrange(1, 6))
+        _serve(cache, ids, ns)
+        cache.check_invariants()
+    s = cache.stats
+    assert sum(n.cached_tokens for n in s.namespaces.values()) == s.cached_tokens
+    assert sum(n.hit_tokens for n in s.namespaces.values()) == s.hit_tokens
+    host = cache.tier_stats["host"]
+    assert s.evicted_tokens > 0 and host.demoted_tokens > 0 and host.promoted_tokens > 0
