@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from radixkv import DEFAULT_EVICTION
 
 from .compare import BenchResult, run_methods
-from .methods import METHODS, BenchSettings
+from .methods import DEFAULT_METHODS, BenchSettings
 from .plots import plot_methods
 from .presets import PRESETS, load_model
 from .report import format_table, to_json
@@ -35,7 +36,7 @@ class ModelBenchArgs:
     block_size: int = 16
     eviction: str = DEFAULT_EVICTION
     seed: int = 0
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     out: Path | None = None
     progress: bool = True
 
@@ -53,8 +54,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def run_model_bench(args: ModelBenchArgs) -> BenchResult:
-    """Load the model, build the workload, run the methods, print the table, write outputs.
+def run_model_bench(args: ModelBenchArgs, model: PreTrainedModel | None = None) -> BenchResult:
+    """Load the model (unless `model` is the one `args.model` names, already loaded), build the
+    workload, run the methods, print the table, write outputs.
 
     With `args.out`, writes ``results.json``, ``table.md`` and ``methods.png`` there. Returns the result.
     """
@@ -64,9 +66,10 @@ def run_model_bench(args: ModelBenchArgs) -> BenchResult:
             f"--capacity-tokens and --block-size must be positive, got {args.capacity_tokens} and {args.block_size}"
         )
     device = resolve_device(args.device)
-    if args.progress:
-        print(f"building model {args.model!r} on {device} ({args.dtype})...", file=sys.stderr)
-    model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed)
+    if model is None:
+        if args.progress:
+            print(f"building model {args.model!r} on {device} ({args.dtype})...", file=sys.stderr)
+        model = load_model(args.model, device=device, dtype=args.dtype, seed=args.seed)
     vocab = model.config.get_text_config().vocab_size
     workload = spec.build(args.params, vocab_size=vocab, seed=args.seed, block_size=args.block_size)
     settings = BenchSettings(args.capacity_tokens, args.block_size, args.eviction, args.progress)

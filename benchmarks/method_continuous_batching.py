@@ -92,7 +92,7 @@ def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings
                 start = perf_counter()
                 outputs = model.generate_batch(
                     [list(q.prompt) for q in requests],
-                    generation_config=greedy_config(workload.max_new_tokens),
+                    generation_config=greedy_config(workload.max_new_tokens, workload.stop_token_id),
                     continuous_batching_config=cb_config,
                     record_timestamps=True,
                     progress_bar=settings.progress,

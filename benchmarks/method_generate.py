@@ -14,7 +14,9 @@ def make_generate(model: PreTrainedModel, workload: Workload, settings: BenchSet
     """Every prompt computed in full; TTFT from a streamer."""
 
     def serve(req: Request) -> RequestResult:
-        generated, ttft = generate_streamed(model.generate, req.prompt, model.device, workload.max_new_tokens)
+        generated, ttft = generate_streamed(
+            model.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
+        )
         return RequestResult(req.key, req.prompt, generated, ttft, 0, len(req.prompt))
 
     return SequentialMethod("generate", serve, ttft_note="streamer, per request")

@@ -49,6 +49,7 @@ def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: Benc
             model.device,
             workload.max_new_tokens,
             timer,  # started before the prefix was computed: its first request's TTFT includes that
+            stop_token_id=workload.stop_token_id,
             **{CACHE_KWARG: copy.deepcopy(stored[prefix])},
         )
         return RequestResult(req.key, req.prompt, generated, ttft, len(prefix), computed)

@@ -1,4 +1,6 @@
-"""Method `radixkv`: the model wrapped by `radixkv.wrap`, one request at a time.
+"""Methods `radixkv` (the default `reuse_generated`) and `radixkv-reuse-generated` (True): the model
+wrapped by `radixkv.wrap`, one request at a time. They differ only in half precision, where the
+default stores prompts only and the other also stores each answer's decode-step KV.
 
 Same loop and TTFT streamer as plain `generate`; the prompt tokens read from the prefix cache
 come from the adapter's statistics (`stats.reused_tokens`, or the cache's `stats.hit_tokens`)
@@ -15,16 +17,34 @@ from transformers import PreTrainedModel
 from .method_base import BenchSettings, NotApplicable, RequestResult, SequentialMethod, generate_streamed
 from .workload import Request, Workload
 
-__all__ = ["make_radixkv"]
+__all__ = ["make_radixkv", "make_radixkv_reuse_generated"]
 
 
-def make_radixkv(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> SequentialMethod:
+def make_radixkv_reuse_generated(
+    model: PreTrainedModel, workload: Workload, settings: BenchSettings
+) -> SequentialMethod:
+    """`make_radixkv` with `reuse_generated=True`."""
+    return make_radixkv(model, workload, settings, reuse_generated=True, name="radixkv-reuse-generated")
+
+
+def make_radixkv(
+    model: PreTrainedModel,
+    workload: Workload,
+    settings: BenchSettings,
+    *,
+    reuse_generated: bool | None = None,
+    name: str = "radixkv",
+) -> SequentialMethod:
     """Serve the workload through `radixkv.wrap(model, ...)`; NotApplicable if it is not installed."""
     try:
         import radixkv
 
         wrapped = radixkv.wrap(
-            model, capacity_tokens=settings.capacity_tokens, block_size=settings.block_size, eviction=settings.eviction
+            model,
+            capacity_tokens=settings.capacity_tokens,
+            block_size=settings.block_size,
+            eviction=settings.eviction,
+            reuse_generated=reuse_generated,
         )
     except (ImportError, AttributeError) as exc:
         raise NotApplicable(f"radixkv.wrap is not available ({exc})") from exc
@@ -38,13 +58,18 @@ def make_radixkv(model: PreTrainedModel, workload: Workload, settings: BenchSett
 
     def serve(req: Request) -> RequestResult:
         hits_before = reused()
-        generated, ttft = generate_streamed(wrapped.generate, req.prompt, model.device, workload.max_new_tokens)
+        generated, ttft = generate_streamed(
+            wrapped.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
+        )
         cached = reused() - hits_before
         return RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
 
     def finish() -> dict[str, Any]:
         cache.check_invariants()
         stats = cache.stats
-        return {"cache_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {"repr": repr(stats)}}
+        return {
+            "cache_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {"repr": repr(stats)},
+            "reuse_generated": wrapped.reuse_generated,
+        }
 
-    return SequentialMethod("radixkv", serve, ttft_note="streamer, per request", finish=finish)
+    return SequentialMethod(name, serve, ttft_note="streamer, per request", finish=finish)

@@ -16,18 +16,28 @@ from .method_base import BenchSettings, MethodRun, NotApplicable, SequentialMeth
 from .method_continuous_batching import run_continuous_batching
 from .method_generate import make_generate
 from .method_prompt_reuse import make_prompt_reuse
-from .method_radixkv import make_radixkv
+from .method_radixkv import make_radixkv, make_radixkv_reuse_generated
 
-__all__ = ["METHODS", "BenchSettings", "MethodRun", "MethodSpec", "NotApplicable", "SequentialMethod"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "METHODS",
+    "BenchSettings",
+    "MethodRun",
+    "MethodSpec",
+    "NotApplicable",
+    "SequentialMethod",
+]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method's name, kind and constructor (see the module docstring)."""
+    """A method's name, kind and constructor (see the module docstring); `default`: run when
+    `--methods` is not given."""
 
     name: str
     kind: Literal["sequential", "batch"]
     make: Callable[..., SequentialMethod | MethodRun]
+    default: bool = True
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -37,5 +47,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("prompt-reuse", "sequential", make_prompt_reuse),
         MethodSpec("continuous-batching", "batch", run_continuous_batching),
         MethodSpec("radixkv", "sequential", make_radixkv),
+        MethodSpec("radixkv-reuse-generated", "sequential", make_radixkv_reuse_generated, default=False),
     )
 }
+DEFAULT_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.default)

@@ -19,6 +19,7 @@ _COLORS = {
     "prompt-reuse": "#c98b2b",
     "continuous-batching": "#4c72b0",
     "radixkv": "#2a9d54",
+    "radixkv-reuse-generated": "#8fd19e",
 }
 
 

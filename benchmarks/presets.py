@@ -139,8 +139,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def _unknown(spec: str) -> ValueError:
     return ValueError(
-        f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing local path "
-        "(a directory with config.json, or a config.json file)"
+        f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}, smollm2) nor an existing local path "
+        "(a GGUF file or a folder holding one, a directory with config.json, or a config.json file)"
     )
 
 
@@ -151,10 +151,16 @@ def _looks_like_hub_id(spec: str) -> bool:
 def load_config(spec: str) -> PretrainedConfig:
     """Config for a preset name, a directory holding config.json, a config.json file, or a hub id.
 
+    `smollm2`, a GGUF file or a folder holding one: the GGUF's config (see `loader.load_gguf_config`).
     Raises ValueError listing the presets when `spec` is none of these.
     """
     if spec in PRESETS:
         return PRESETS[spec].make_config()
+    from .loader import gguf_location, load_gguf_config
+
+    gguf = gguf_location(spec)
+    if gguf is not None:
+        return load_gguf_config(gguf)
     path = Path(spec).expanduser()
     if path.is_dir():
         return AutoConfig.from_pretrained(str(path))
@@ -202,11 +208,16 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: 
       so two calls give identical models;
     - a local directory: `from_pretrained` when it holds weights (*.safetensors / *.bin), else
       `from_config` with seeded random weights;
-    - `owner/name`: `from_pretrained` from the hub (needs network).
+    - `owner/name`: `from_pretrained` from the hub (needs network);
+    - `smollm2`, a GGUF file or a folder holding one: its trained weights (see `loader.load`).
 
     Raises ValueError naming `--model` for a shape-only preset or an unknown spec.
     """
     torch_dtype = resolve_dtype(dtype)
+    from .loader import gguf_location, load
+
+    if spec not in PRESETS and gguf_location(spec) is not None:
+        return load(spec, device=device, dtype=dtype, seed=seed).model
     if spec in PRESETS and not PRESETS[spec].runnable:
         runnable = [p.name for p in PRESETS.values() if p.runnable]
         raise ValueError(

@@ -15,6 +15,7 @@ _LABELS = {
     "prompt-reuse": "prompt-reuse recipe (deepcopy)",
     "continuous-batching": "continuous batching (generate_batch)",
     "radixkv": "radixkv",
+    "radixkv-reuse-generated": "radixkv, reuse_generated=True",
 }
 
 
@@ -115,10 +116,10 @@ def format_table(result: BenchResult) -> str:
     ref = result.reference
     notes = []
     if ref is not None and ref.run is not None:
-        notes.append(
-            f"{w.num_requests} requests, {ref.run.prompt_tokens:,} prompt tokens, "
-            f"{w.max_new_tokens} new tokens each (greedy)"
-        )
+        each = f"{w.max_new_tokens} new tokens each (greedy)"
+        if w.stop_token_id is not None:
+            each = f"up to {w.max_new_tokens} new tokens each (greedy, stopping at end of turn)"
+        notes.append(f"{w.num_requests} requests, {ref.run.prompt_tokens:,} prompt tokens, {each}")
     if result.best_hit_rate is not None:
         notes.append(f"best possible token hit rate (unlimited whole-block cache): {result.best_hit_rate:.4f}")
     notes.extend(w.notes)

@@ -58,7 +58,8 @@ class Workload:
 
     `closed_form_hit_rate` is the best token hit rate derived analytically (None when the
     workload has no closed form); `params` records how it was built, for results.json;
-    `notes` are lines printed under the table.
+    `notes` are lines printed under the table. `stop_token_id` ends a generation early (a chat
+    model's end-of-turn token); None generates exactly `max_new_tokens` every time.
     """
 
     name: str
@@ -67,6 +68,7 @@ class Workload:
     params: dict[str, Any]
     closed_form_hit_rate: float | None = None
     notes: tuple[str, ...] = field(default=())
+    stop_token_id: int | None = None
 
     @property
     def num_rounds(self) -> int:

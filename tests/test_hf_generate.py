@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from radixkv.integrations._hf_layout import plan_layout  # noqa: E402
 from radixkv.integrations.hf import (  # noqa: E402
     CACHE_KWARG,
-    DEFAULT_CPU_CAPACITY_TOKENS,
+    DEFAULT_MIN_CAPACITY_TOKENS,
     CachedModel,
     UncachedWarning,
 )
@@ -504,7 +504,7 @@ def test_wrap_and_a_cached_generate_raise_no_deprecation_warning() -> None:
 
 
 def test_rule7_wrap_rejects_bad_arguments() -> None:
-    """wrap names the bad argument; with no capacity it picks the documented CPU default."""
+    """wrap names the bad argument; with no capacity a tiny model gets the documented minimum."""
     model = model_for("llama")
     with pytest.raises(TypeError, match="model"):
         radixkv.wrap("not a model")
@@ -513,9 +513,33 @@ def test_rule7_wrap_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="capacity"):
         radixkv.wrap(model, capacity_tokens=64, capacity_bytes=1 << 20)
     cached = radixkv.wrap(model)
-    assert cached.cache is not None and cached.cache.stats.capacity_tokens == DEFAULT_CPU_CAPACITY_TOKENS
+    assert cached.cache is not None and cached.cache.stats.capacity_tokens == DEFAULT_MIN_CAPACITY_TOKENS
     with pytest.raises(TypeError, match="already"):
         radixkv.wrap(cached)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_default_capacity_is_half_the_weights_bytes_capped_by_memory(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a capacity, the pool holds half the parameters' bytes (in whole blocks): the same
+    tokens in every dtype; a machine cap below that wins."""
+    from radixkv.integrations import hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**_SMALL, "vocab_size": 32_000})  # ~4.2M params, 512 B of KV a token (fp32)
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cached = radixkv.wrap(model)
+    assert cached.cache is not None
+    per_token = cached.cache.spec.bytes_per_token
+    assert per_token == 2 * 2 * 2 * 16 * (4 if dtype == torch.float32 else 2)
+    expected = weights // 2 // per_token // 16 * 16  # whole blocks of the default 16 tokens
+    assert expected > DEFAULT_MIN_CAPACITY_TOKENS
+    assert cached.cache.stats.capacity_tokens == expected
+    assert cached.cache.stats.capacity_bytes <= weights // 2
+    monkeypatch.setattr(hf, "DEFAULT_CPU_MEMORY_FRACTION", 64 * per_token / hf._physical_memory())
+    assert radixkv.wrap(model).cache.stats.capacity_tokens == 64
 
 
 def test_rule7_model_changed_after_wrap_raises() -> None:

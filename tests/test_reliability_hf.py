@@ -363,7 +363,11 @@ WRAP_CASES: list[tuple[str, Callable[[Any, CachedModel], object], type[Exception
     ("both capacities", lambda m, c: radixkv.wrap(m, capacity_tokens=64, capacity_bytes=4096), ValueError, "capacity"),
     ("a non-model object", lambda m, c: radixkv.wrap(object(), capacity_tokens=64), TypeError, "generate"),
     ("a CachedModel", lambda m, c: radixkv.wrap(c, capacity_tokens=64), TypeError, "already"),
-]
+    ("reuse_generated='yes'", lambda m, c: radixkv.wrap(m, capacity_tokens=64, reuse_generated="yes"), TypeError,
+     "reuse_generated"),
+    ("reuse_generated=1", lambda m, c: radixkv.wrap(m, capacity_tokens=64, reuse_generated=1), TypeError,
+     "reuse_generated"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "call", "expected", "word"), WRAP_CASES, ids=[c[0] for c in WRAP_CASES])
