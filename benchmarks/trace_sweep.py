@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from radixkv import POLICIES, PrefixCache
+from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 
 from .optimum import optimum_hit_tokens
 from .plots import plot_hit_rate_curves
@@ -29,7 +29,8 @@ __all__ = ["DEFAULT_CAPACITIES", "run_trace_sweep", "unlimited_hit_tokens"]
 
 OPTIMUM = "offline optimum"
 DEFAULT_CAPACITIES = (500_000, 1_000_000, 2_560_000, 5_000_000, 10_000_000)
-DEFAULT_POLICIES = ("lru", "fifo", "lfu", "reuse")  # `priority` equals its tie-break here: the trace has no priorities
+# `priority` equals its tie-break here (the trace has no priorities); the default policy is always shown beside LRU.
+DEFAULT_POLICIES = tuple(dict.fromkeys(("lru", DEFAULT_EVICTION, "fifo", "lfu", "reuse")))
 
 
 def unlimited_hit_tokens(requests: Sequence[TraceRequest], block_size: int) -> tuple[int, int]:
@@ -81,7 +82,8 @@ def run_trace_sweep(
     `trace` None finds shared/traces/ beside the repository. Raises ValueError naming a bad
     policy, capacity or block size, FileNotFoundError for a missing trace.
     """
-    policies = list(policies or DEFAULT_POLICIES)
+    # LRU and the default are always replayed, side by side, first.
+    policies = list(dict.fromkeys(["lru", DEFAULT_EVICTION, *(policies or DEFAULT_POLICIES)]))
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise ValueError(f"--policies: unknown {', '.join(bad)}; choose from {', '.join(POLICIES)}")
@@ -139,10 +141,11 @@ def run_trace_sweep(
 
 
 def format_trace_table(doc: dict[str, Any]) -> str:
-    """Markdown table: one row per capacity, one column per policy, then the unlimited bound."""
+    """Markdown table: one row per capacity, one column per policy (the default marked), then the unlimited bound."""
     policies = list(doc["hit_rate"])
+    names = [f"{p} (default)" if p == DEFAULT_EVICTION else p for p in policies]
     lines = [
-        "| capacity (tokens) | " + " | ".join(f"{p} hit rate" for p in policies) + " |",
+        "| capacity (tokens) | " + " | ".join(f"{p} hit rate" for p in names) + " |",
         "|---|" + "---|" * len(policies),
     ]
     for i, c in enumerate(doc["capacities"]):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from radixkv import DEFAULT_EVICTION, EvictionPolicy, KVSpec, PrefixCache, PrefixMatch, RedisOptions
+from radixkv.hashing import namespace_key
 
 from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
@@ -125,6 +126,7 @@ class CachedModel:
         capacity_bytes: int | None = None,
         block_size: int = 16,
         eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+        shares: Mapping[object, float] | None = None,
         host_capacity_tokens: int | None = None,
         disk_path: str | os.PathLike[str] | None = None,
         disk_capacity_bytes: int | None = None,
@@ -173,6 +175,7 @@ class CachedModel:
                 capacity_bytes=capacity_bytes,
                 block_size=block_size,
                 eviction=eviction,
+                shares=shares,
                 host_capacity_tokens=host_capacity_tokens,
                 disk_path=disk_path,
                 disk_capacity_bytes=disk_capacity_bytes,
@@ -210,8 +213,14 @@ class CachedModel:
                 self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._epoch
             )
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract."""
+    def generate(self, *args: Any, namespace: object = None, **kwargs: Any) -> Any:
+        """`model.generate(*args, **kwargs)` with prefix reuse; see the class docstring for the contract.
+
+        `namespace` (None, str, bytes, int or tuples of those) is the tenant of this call: its
+        entries are apart from other tenants' (on top of the weights and adapter keys) and count
+        against its share (`wrap(model, shares=...)`); None is the shared default tenant."""
+        if namespace is not None:
+            namespace_key(namespace, "namespace")  # a bad namespace raises before any work
         if self.cache is None:
             verdict: CallPlan | Passthrough = Passthrough(self.unsupported_reason)
         else:
@@ -221,10 +230,10 @@ class CachedModel:
             if verdict.reason is not None:
                 warnings.warn(f"radixkv: generate ran uncached: {verdict.reason}", UncachedWarning, stacklevel=2)
             return self.model.generate(*args, **kwargs)
-        return self._generate_cached(verdict)
+        return self._generate_cached(verdict, namespace)
 
     # ----- the cached path ------------------------------------------------------------
-    def _generate_cached(self, plan: CallPlan) -> Any:
+    def _generate_cached(self, plan: CallPlan, tenant: object = None) -> Any:
         cache, model_kv = self.cache, self._model_kv
         assert cache is not None and model_kv is not None
         weights = _weights_dtype_device(self.model)
@@ -244,7 +253,7 @@ class CachedModel:
         try:
             for prompt in prompts:
                 # At most len - 1 tokens: generate must compute at least one prompt token.
-                matches.append(cache.match(prompt[:-1], namespace=namespace))
+                matches.append(cache.match(prompt[:-1], namespace=namespace, tenant=tenant))
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
             gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
         finally:
@@ -260,7 +269,7 @@ class CachedModel:
         out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
         self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        self._insert(plan, layout, prompts, sequences, past, namespace)
+        self._insert(plan, layout, prompts, sequences, past, namespace, tenant)
         return out
 
     def _namespace(self) -> object:
@@ -292,6 +301,7 @@ class CachedModel:
         sequences: torch.Tensor,
         past: Any,
         namespace: object,
+        tenant: object = None,
     ) -> None:
         """Store each returned row's prompt + output KV; prompts only for beam search and where
         `reuse_generated` is False (their KV comes from the prefill, as plain `generate` computes it)."""
@@ -309,7 +319,7 @@ class CachedModel:
             # then only the prompt columns, filled by the prefill, are known to be right.)
             for i, prompt in enumerate(prompts):
                 start = width - len(prompt)
-                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), namespace)
+                self._insert_row(prompt, row_kv(past, i * expand, start, width, spec), namespace, tenant)
             return
         generated = sequences[:, width:]  # [B * expand, N]
         n_keep = _lengths_to_eos(generated, plan.eos_token_ids)
@@ -319,12 +329,12 @@ class CachedModel:
             # Column j of the cache holds the KV of sequences[:, j]; the last token has none.
             stop = min(width + keep, kv_columns)
             tokens = prompt + generated[r, : stop - width].tolist()
-            self._insert_row(tokens, row_kv(past, r, start, stop, spec), namespace)
+            self._insert_row(tokens, row_kv(past, r, start, stop, spec), namespace, tenant)
 
-    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object) -> None:
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object, tenant: object = None) -> None:
         assert self.cache is not None
         if len(tokens) >= self.cache.block_size:
-            self.cache.insert(tokens, kv, namespace=namespace)
+            self.cache.insert(tokens, kv, namespace=namespace, tenant=tenant)
 
     def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
         with self._lock:
@@ -397,6 +407,7 @@ def wrap(
     capacity_bytes: int | None = None,
     block_size: int = 16,
     eviction: str | EvictionPolicy = DEFAULT_EVICTION,
+    shares: Mapping[object, float] | None = None,
     host_capacity_tokens: int | None = None,
     disk_path: str | os.PathLike[str] | None = None,
     disk_capacity_bytes: int | None = None,
@@ -410,8 +421,9 @@ def wrap(
     Give at most one of `capacity_tokens` / `capacity_bytes`; the pool is allocated and zeroed
     here, once, so no call pays for page faults. With neither, `default_capacity_tokens`: half
     the parameters' bytes, at least 2,048 tokens, at most a quarter of physical memory (half of
-    the free memory on CUDA). `block_size`, `eviction` and the lower tiers
-    (`host_capacity_tokens`, `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
+    the free memory on CUDA). `block_size`, `eviction`, `shares` ({namespace: fraction}, the
+    namespaces of `generate(..., namespace=)`) and the lower tiers (`host_capacity_tokens`,
+    `disk_path`, `disk_capacity_bytes`) go to `PrefixCache`; with a
     tier, entries are keyed by a fingerprint of the model (class, config, dtype and a checksum
     of the weights, recomputed when the weights change), so a restarted process reuses its disk
     entries and a different model or changed weights never do.
@@ -441,6 +453,7 @@ def wrap(
         capacity_bytes=capacity_bytes,
         block_size=block_size,
         eviction=eviction,
+        shares=shares,
         reuse_generated=reuse_generated,
         host_capacity_tokens=host_capacity_tokens,
         disk_path=disk_path,

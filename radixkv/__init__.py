@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .cache import CacheStats, PrefixCache, PrefixMatch
-from .eviction import DEFAULT_EVICTION, POLICIES, EvictionPolicy
+from .cache import CacheStats, NamespaceStats, PrefixCache, PrefixMatch
+from .policies import DEFAULT_EVICTION, POLICIES
+from .policy import EvictionPolicy
 from .redis_tier import RedisOptions, RedisStats, SharedTierError
 from .spec import KVSpec
 
@@ -22,6 +23,7 @@ __all__ = [
     "CacheStats",
     "EvictionPolicy",
     "KVSpec",
+    "NamespaceStats",
     "PrefixCache",
     "PrefixMatch",
     "RedisOptions",
@@ -36,7 +38,8 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, kv_dtype, reuse_generated, shared, shared_model). Needs the `hf` extra (transformers).
+    block_size, eviction, shares, kv_dtype, reuse_generated, shared, shared_model). Needs the `hf`
+    extra (transformers).
     """
     from .integrations.hf import wrap as _wrap
 

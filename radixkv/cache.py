@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .blocks import BlockAllocator
-from .eviction import DEFAULT_EVICTION, EvictionPolicy, make_policy
 from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from .policies import DEFAULT_EVICTION, make_policy
+from .policy import EvictionPolicy
 from .pool import KVPool, LayerKV
 from .quant import kv_bytes_per_token, make_quantizer
 from .spec import KVSpec
 from .tiers import Tiers, TierStats
 from .tokens import TokenIds, as_token_list
-from .tree import Node, RadixTree
+from .tree import Node, RadixTree, Tenant
 
 if TYPE_CHECKING:
     from .redis_tier import RedisOptions, RedisStats, RedisTier
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    """One tenant's counters: tokens it has in the tree, looked up, and hit; `share_tokens` is
+    its guaranteed capacity (None when it has no share of its own)."""
+
+    cached_tokens: int
+    query_tokens: int
+    hit_tokens: int
+    share_tokens: int | None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
 @dataclass(frozen=True)
@@ -50,15 +67,18 @@ class CacheStats:
     live_matches: int
     bytes_per_token: int = 0  # pool bytes per cached token (codes and scales when kv_dtype is set)
     kv_dtype: str | None = None  # None: stored exactly in the spec's dtype
+    namespaces: dict[object, NamespaceStats] = field(default_factory=dict)  # per tenant (its namespace by default)
 
     @property
     def hit_rate(self) -> float:
         """hit_tokens / query_tokens (0.0 before any lookup)."""
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
-    def as_dict(self) -> dict[str, float | int]:
-        out: dict[str, float | int] = dict(self.__dict__)
+    def as_dict(self) -> dict[str, object]:
+        """Plain values (namespaces keyed by their repr), ready for JSON."""
+        out: dict[str, object] = dict(self.__dict__)
         out["hit_rate"] = self.hit_rate
+        out["namespaces"] = {repr(k): {**asdict(v), "hit_rate": v.hit_rate} for k, v in self.namespaces.items()}
         return out
 
 
@@ -142,6 +162,13 @@ class PrefixCache:
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
         The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
       - Entries in different namespaces never share nodes or blocks.
+      - `shares={tenant: fraction}` guarantees each listed tenant that fraction of the blocks;
+        unlisted tenants share the rest. Under pressure, blocks go first from tenants above their
+        share (never more than the excess); a tenant within its share loses blocks only to its
+        own inserts (an insert that finds only other tenants' guaranteed blocks stores what
+        fits). A call's tenant is its `tenant=` argument, or else its namespace. Without
+        `shares`, one order over all leaves, as the policy says. `stats.namespaces` has each
+        tenant's cached, query and hit tokens.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
       - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
         outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
@@ -179,6 +206,7 @@ class PrefixCache:
         disk_capacity_bytes: int | None = None,
         shared: str | RedisOptions | None = None,
         shared_model: str | bytes | None = None,
+        shares: Mapping[object, float] | None = None,
         kv_dtype: str | None = None,
     ) -> None:
         if not isinstance(spec, KVSpec):
@@ -209,10 +237,13 @@ class PrefixCache:
         self.block_size = block_size
         self.kv_dtype = kv_dtype
         self.bytes_per_token = per_token
+        share_blocks = _share_blocks(shares, num_blocks)
         self.policy = make_policy(eviction)
+        self.policy.bind(num_blocks)
         self._pool = KVPool(spec, num_blocks, block_size, quantizer)
         self._blocks = BlockAllocator(num_blocks)
-        self._tree = RadixTree(block_size, self.policy)
+        rest = num_blocks - sum(share_blocks.values())
+        self._tree = RadixTree(block_size, self.policy, share_blocks or None, rest)
         self._lock = threading.RLock()
         self._live: dict[int, PrefixMatch] = {}
         self._next_match = 0
@@ -252,6 +283,15 @@ class PrefixCache:
                 live_matches=len(self._live),
                 bytes_per_token=self.bytes_per_token,
                 kv_dtype=self.kv_dtype,
+                namespaces={
+                    t.name: NamespaceStats(
+                        t.blocks * bs,
+                        t.query_tokens,
+                        t.hit_tokens,
+                        None if t.group.share is None or t.group is self._tree.groups[-1] else t.group.share * bs,
+                    )
+                    for t in self._tree.tenants.values()
+                },
             )
 
     def reset_stats(self) -> None:
@@ -259,6 +299,8 @@ class PrefixCache:
         with self._lock:
             self._lookups = self._query_tokens = self._hit_tokens = 0
             self._inserted_tokens = self._evicted_tokens = self._dropped_tokens = 0
+            for t in self._tree.tenants.values():
+                t.query_tokens = t.hit_tokens = 0
             if self._tiers is not None:
                 self._tiers.reset_stats()
         if self._shared is not None:
@@ -294,10 +336,13 @@ class PrefixCache:
         )
 
     # ----- lookup ----------------------------------------------------------------------
-    def match(self, token_ids: TokenIds, namespace: object = None) -> PrefixMatch:
-        """Longest cached whole-block prefix of `token_ids`, locked until `release`."""
+    def match(self, token_ids: TokenIds, namespace: object = None, *, tenant: object = None) -> PrefixMatch:
+        """Longest cached whole-block prefix of `token_ids`, locked until `release`.
+        `tenant` (default: the namespace) is whose counters the lookup feeds; see `insert`."""
         ids, packed = as_token_list(token_ids, "token_ids")
-        ns_key = namespace_key(namespace)
+        ns_key, tenant_key, tenant_name = _keys(namespace, tenant)
+        with self._lock:
+            self._tree.tenant(tenant_key, tenant_name, ns_key)  # the namespace's owner, for the counters
         if self._tiers is not None:
             m = self._tiers.match(ids, packed, ns_key, namespace)
         else:
@@ -337,6 +382,9 @@ class PrefixCache:
             self._lookups -= 1
             self._query_tokens -= len(ids)
             self._hit_tokens -= m.num_tokens
+            owner = self._tree.owner_of(ns_key)
+            owner.query_tokens -= len(ids)
+            owner.hit_tokens -= m.num_tokens
             longer = self._match_locked(ids, ns_key, namespace, m.host_tokens, m.disk_tokens)
             longer.shared_tokens = min(promoted * bs, longer.num_tokens - m.num_tokens)
             self.release(m)
@@ -361,7 +409,7 @@ class PrefixCache:
                 want = n - skip
                 short = want - self._blocks.num_free
                 if short > 0:
-                    self._evict_blocks(short)
+                    self._evict_blocks(short, root.owner)
                 take = min(want, self._blocks.num_free)
                 self._dropped_tokens += (want - take) * bs
                 if take == 0:
@@ -386,6 +434,8 @@ class PrefixCache:
         """The device match (lock held); the tiers pass what they promoted for it."""
         self._lookups += 1
         self._query_tokens += len(ids)
+        owner = self._tree.owner_of(ns_key)
+        owner.query_tokens += len(ids)
         self._tree.tick()
         root = self._tree.get_root(ns_key, 0, create=False)
         node: Node | None = None
@@ -401,6 +451,7 @@ class PrefixCache:
                     hashes += n.block_hashes
         num_tokens = len(block_ids) * self.block_size
         self._hit_tokens += num_tokens
+        owner.hit_tokens += num_tokens
         self._next_match += 1
         m = PrefixMatch(
             self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match,
@@ -437,15 +488,26 @@ class PrefixCache:
             raise ValueError("match was already released")
 
     # ----- insertion -------------------------------------------------------------------
-    def insert(self, token_ids: TokenIds, kv: Sequence[LayerKV], namespace: object = None, *, priority: int = 0) -> int:
+    def insert(
+        self,
+        token_ids: TokenIds,
+        kv: Sequence[LayerKV],
+        namespace: object = None,
+        *,
+        priority: int = 0,
+        tenant: object = None,
+    ) -> int:
         """Store the KV of `token_ids`; returns the number of newly stored tokens.
 
         `kv`: per layer (K, V), each `[1, num_kv_heads, len(token_ids), head_dim]` with the
         spec's dtype and device. Only whole blocks are stored; cached blocks are not rewritten.
-        `priority` is used by the "priority" policy (lower is evicted first).
+        `priority` is used by the "priority" policy (lower is evicted first). `tenant` (default:
+        the namespace itself) is whose share the blocks count against; a namespace used with a
+        tenant is a namespace of its own (its entries are apart from the same namespace's
+        entries without that tenant).
         """
         ids, packed = as_token_list(token_ids, "token_ids")
-        ns_key = namespace_key(namespace)
+        ns_key, tenant_key, tenant_name = _keys(namespace, tenant)
         _check_int("priority", priority, minimum=None)
         self._check_kv(kv, len(ids))
         bs = self.block_size
@@ -455,7 +517,8 @@ class PrefixCache:
         with self._lock:
             tree = self._tree
             now = tree.tick()
-            root = tree.get_root(ns_key, root_hash(ns_key), create=True)
+            owner = tree.tenant(tenant_key, tenant_name, ns_key)
+            root = tree.get_root(ns_key, root_hash(ns_key), create=True, owner=owner)
             assert root is not None
             # Pin the root and lock the path, so that the eviction this insert may trigger
             # cannot remove the node it extends (or forget the namespace).
@@ -493,12 +556,10 @@ class PrefixCache:
             return 0
         new_tokens = ids[matched * bs : n_full * bs]
         hashes = chain_hashes(node.last_hash, memoryview(packed)[matched * bs : n_full * bs], bs)
-        want = min(len(hashes), self.policy.admit(node, hashes, now))
-        if want <= 0:
-            return 0
+        want = len(hashes)
         short = want - self._blocks.num_free
         if short > 0:
-            self._evict_blocks(short)
+            self._evict_blocks(short, node.owner)
         take = min(want, self._blocks.num_free)
         self._dropped_tokens += (want - take) * bs
         if take < want and self._tiers is not None:  # no room in the pool: keep the rest below
@@ -562,8 +623,8 @@ class PrefixCache:
             self._tiers.flush()
         return evicted
 
-    def _evict_blocks(self, num_blocks: int) -> int:
-        freed = self._tree.evict(num_blocks)
+    def _evict_blocks(self, num_blocks: int, requester: Tenant | None = None) -> int:
+        freed = self._tree.evict(num_blocks, requester)
         self._blocks.free(freed)
         self._evicted_tokens += len(freed) * self.block_size
         return len(freed)
@@ -630,6 +691,36 @@ class PrefixCache:
                 if block_id in node.block_ids:
                     return (0 if node.detached else 1) + node.lock_ref
             return 0
+
+
+def _keys(namespace: object, tenant: object) -> tuple[bytes, bytes, object]:
+    """(tree namespace key, tenant key, tenant name) of a call. Without a tenant the namespace is
+    its own; with one, the tree key is tagged "G" (a tag no namespace encoding starts with), so
+    that (namespace, tenant) pairs never collide with plain namespaces or each other."""
+    ns_key = namespace_key(namespace)
+    if tenant is None:
+        return ns_key, ns_key, namespace
+    tenant_key = namespace_key(tenant, "tenant")
+    return b"G" + len(tenant_key).to_bytes(4, "little") + tenant_key + ns_key, tenant_key, tenant
+
+
+def _share_blocks(shares: object, num_blocks: int) -> dict[bytes, int]:
+    """Validate `shares` ({tenant: fraction of the capacity}) and convert it to guaranteed blocks."""
+    if shares is None:
+        return {}
+    if not isinstance(shares, Mapping):
+        raise TypeError(f"shares must be a mapping {{namespace: fraction}}, got {type(shares).__name__}")
+    out: dict[bytes, int] = {}
+    total = 0.0
+    for name, frac in shares.items():
+        key = namespace_key(name, "shares key")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1 or math.isnan(frac):
+            raise ValueError(f"shares[{name!r}] must be a fraction in (0, 1], got {frac!r}")
+        total += frac
+        out[key] = int(frac * num_blocks)
+    if total > 1 + 1e-9:
+        raise ValueError(f"shares add up to {total:g}, more than the whole capacity (1)")
+    return out
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

@@ -44,8 +44,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .eviction import EvictionPolicy
 from .ghost import EvictedRun, EvictedRuns
+from .policy import EvictionPolicy
 
 if TYPE_CHECKING:
     from .tree import Node

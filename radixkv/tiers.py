@@ -312,7 +312,7 @@ class Tiers:
             try:
                 short = n - cache._blocks.num_free
                 if short > 0:
-                    cache._evict_blocks(short)
+                    cache._evict_blocks(short, root.owner)  # a promotion counts against its own tenant
                 take = min(n, cache._blocks.num_free)
                 if take:
                     block_ids = cache._blocks.allocate(take)

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from sortedcontainers import SortedList
 
-from .eviction import EvictionPolicy
+from .policy import EvictionPolicy
+
+
+class Group:
+    """An eviction group: one tenant with a share, or every tenant without one.
+
+    `share`: blocks guaranteed (None: no guarantee, the cache without shares). `blocks`: blocks
+    of the group's tenants in the tree, locked ones included. `evictable`: its unlocked leaves
+    as (key, uid), smallest key evicted first.
+    """
+
+    __slots__ = ("share", "blocks", "evictable")
+
+    def __init__(self, share: int | None) -> None:
+        self.share = share
+        self.blocks = 0
+        self.evictable: SortedList = SortedList()
+
+    @property
+    def over(self) -> int:
+        """Blocks above the share (0 when within it or without one)."""
+        return 0 if self.share is None else max(0, self.blocks - self.share)
+
+
+class Tenant:
+    """Whose blocks a namespace's nodes are: the counters of one tenant and its eviction group.
+
+    `blocks`: its blocks in the tree; `query_tokens` and `hit_tokens`: its lookups' totals.
+    """
+
+    __slots__ = ("key", "name", "group", "blocks", "query_tokens", "hit_tokens")
+
+    def __init__(self, key: bytes, name: object, group: Group) -> None:
+        self.key = key
+        self.name = name
+        self.group = group
+        self.blocks = 0
+        self.query_tokens = 0
+        self.hit_tokens = 0
 
 
 class Node:
@@ -14,12 +52,13 @@ class Node:
 
     `tokens` holds `len(block_ids) * block_size` ids. A namespace root has no blocks and no
     parent. `lock_ref` counts live matches (and in-flight inserts) whose path includes the node.
+    `owner` is the tenant of the node's namespace (shared with its root).
     """
 
     __slots__ = (
         "uid", "parent", "children", "tokens", "block_ids", "block_hashes", "lock_ref",
         "last_access", "created", "hits", "priority", "depth_tokens", "evict_key", "detached",
-        "ns_key", "root_hash", "policy_state",
+        "ns_key", "root_hash", "policy_state", "owner",
     )  # fmt: skip
 
     def __init__(self, uid: int, parent: Node | None, now: int) -> None:
@@ -40,6 +79,7 @@ class Node:
         self.ns_key: bytes = b""
         self.root_hash = 0
         self.policy_state: object = None  # owned by the eviction policy
+        self.owner: Tenant = parent.owner if parent is not None else None  # type: ignore[assignment]
 
     @property
     def last_hash(self) -> int:
@@ -59,15 +99,33 @@ class RadixTree:
     smallest-keyed unlocked leaf until enough blocks are gone and returns their ids; a parent
     becomes evictable when its last child goes. Costs: descend O(depth + matched tokens) in C
     with O(depth) Python steps; each evictable-set update O(log leaves).
+
+    Shares (`shares`: tenant key -> guaranteed blocks; the tenants not listed share `rest`
+    blocks): each listed tenant's leaves form a group of their own, the others one more group.
+    An eviction takes the smallest-keyed leaf of the groups above their share (never more than
+    the excess), and only then, for an insert, the inserting tenant's own group; a group within
+    its share loses blocks to no one else's insert. O(groups + log leaves) per leaf. Without
+    shares there is one group and the order is the policy's alone.
     """
 
-    def __init__(self, block_size: int, policy: EvictionPolicy) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        policy: EvictionPolicy,
+        shares: Mapping[bytes, int] | None = None,
+        rest: int | None = None,
+    ) -> None:
         self.block_size = block_size
         self.policy = policy
         self.roots: dict[bytes, Node] = {}
-        self._evictable: SortedList = SortedList()  # of (key, uid)
+        self._share_groups = {key: Group(blocks) for key, blocks in (shares or {}).items()}
+        self._rest = Group(rest if shares else None)
+        self.groups: list[Group] = [*self._share_groups.values(), self._rest]
+        self.tenants: dict[bytes, Tenant] = {}
+        self._ns_owner: dict[bytes, Tenant] = {}  # namespace key -> its tenant
         self._evictable_nodes: dict[int, Node] = {}
         self._clock = 0
+        self._generation = policy.generation  # the policy's order the keys in _evictable follow
         self._next_uid = 1
         self.num_blocks = 0  # blocks referenced by the tree
         self.num_locked_blocks = 0  # blocks of nodes with lock_ref > 0, detached ones included
@@ -86,12 +144,32 @@ class RadixTree:
         self._next_uid += 1
         return node
 
-    def get_root(self, ns_key: bytes, root_hash: int, create: bool) -> Node | None:
+    def tenant(self, key: bytes, name: object, ns_key: bytes | None = None) -> Tenant:
+        """The tenant record of `key` (created on first use; `name` is what stats show), noted
+        as the owner of namespace `ns_key` when given."""
+        t = self.tenants.get(key)
+        if t is None:
+            t = self.tenants[key] = Tenant(key, name, self._share_groups.get(key, self._rest))
+        if ns_key is not None:
+            self._ns_owner[ns_key] = t
+        return t
+
+    def owner_of(self, ns_key: bytes) -> Tenant:
+        """The tenant that owns namespace `ns_key` (the namespace itself if none was noted)."""
+        t = self._ns_owner.get(ns_key)
+        return t if t is not None else self.tenant(ns_key, None, ns_key)
+
+    def get_root(self, ns_key: bytes, root_hash: int, create: bool, owner: Tenant | None = None) -> Node | None:
+        """The root of namespace `ns_key`; created when `create`, owned by `owner` (default: the
+        namespace's noted owner)."""
         root = self.roots.get(ns_key)
         if root is None and create:
+            if owner is None:
+                owner = self.owner_of(ns_key)
             root = self._new_node(None)
             root.ns_key = ns_key
             root.root_hash = root_hash
+            root.owner = owner
             self.roots[ns_key] = root
         return root
 
@@ -148,6 +226,7 @@ class RadixTree:
         upper.last_access, upper.created = child.last_access, child.created
         upper.hits, upper.priority = child.hits, child.priority
         upper.policy_state = child.policy_state
+        upper.owner = child.owner
         upper.depth_tokens = child.depth_tokens
         child.depth_tokens += k * bs
         parent.children[tuple(upper.tokens[:bs])] = upper
@@ -224,6 +303,8 @@ class RadixTree:
             node.depth_tokens = parent.depth_tokens + len(parent.tokens)
             parent.children[tuple(node.tokens[:bs])] = node
             self.num_blocks += n
+            node.owner.blocks += n
+            node.owner.group.blocks += n
             self.num_nodes += 1
             self.policy.on_attach(node, self._clock)
             parent, start = node, end
@@ -234,35 +315,63 @@ class RadixTree:
     def _add_evictable(self, node: Node) -> None:
         key = self.policy.key(node)
         node.evict_key = key
-        self._evictable.add((key, node.uid))
+        node.owner.group.evictable.add((key, node.uid))
         self._evictable_nodes[node.uid] = node
 
     def _remove_evictable(self, node: Node) -> None:
-        self._evictable.remove((node.evict_key, node.uid))
+        node.owner.group.evictable.remove((node.evict_key, node.uid))
         del self._evictable_nodes[node.uid]
         node.evict_key = None
 
-    def evict(self, num_blocks: int) -> list[int]:
-        """Remove up to `num_blocks` blocks from unlocked leaves; returns the removed block ids."""
+    def _victim(self, requester: Group | None) -> tuple[Group | None, int]:
+        """The group to evict from next and the most blocks to take from it: the group above
+        its share whose smallest key is smallest (at most its excess); else the requester's own
+        group (an insert's), or for a plain `evict` any group. (None, 0) when nothing may go."""
+        if len(self.groups) == 1:
+            g = self.groups[0]
+            return (g, g.blocks) if g.evictable else (None, 0)
+        best: Group | None = None
+        for g in self.groups:
+            if g.evictable and g.over and (best is None or g.evictable[0] < best.evictable[0]):
+                best = g
+        if best is not None:
+            return best, best.over
+        if requester is not None:
+            return (requester, requester.blocks) if requester.evictable else (None, 0)
+        for g in self.groups:
+            if g.evictable and (best is None or g.evictable[0] < best.evictable[0]):
+                best = g
+        return (best, best.blocks) if best is not None else (None, 0)
+
+    def evict(self, num_blocks: int, requester: Tenant | None = None) -> list[int]:
+        """Remove up to `num_blocks` blocks from unlocked leaves; returns the removed block ids.
+        `requester`: the tenant whose insert needs the room (None: a plain eviction)."""
         bs = self.block_size
+        if self.policy.generation != self._generation:
+            self._rekey()
+        group = requester.group if requester is not None else None
         freed: list[int] = []
-        while len(freed) < num_blocks and self._evictable:
-            _, uid = self._evictable[0]
+        while len(freed) < num_blocks:
+            g, allowed = self._victim(group)
+            if g is None:
+                break
+            _, uid = g.evictable[0]
             node = self._evictable_nodes[uid]
-            take = min(num_blocks - len(freed), len(node.block_ids))
+            take = min(num_blocks - len(freed), len(node.block_ids), allowed)
             now = self._clock
             if self.on_evict is not None:
                 self.on_evict(node, len(node.block_ids) - take)
+            self.num_blocks -= take
+            node.owner.blocks -= take
+            g.blocks -= take
             if take < len(node.block_ids):  # trim the tail; the leaf keeps its place
                 freed += node.block_ids[-take:]
                 gone = node.block_hashes[-take:]
                 del node.block_ids[-take:], node.block_hashes[-take:], node.tokens[-take * bs :]
-                self.num_blocks -= take
                 self.policy.on_evict(node, gone, now)
                 continue
             self._remove_evictable(node)
             freed += node.block_ids
-            self.num_blocks -= take
             self.policy.on_evict(node, node.block_hashes, now)
             parent = node.parent
             assert parent is not None
@@ -274,6 +383,16 @@ class RadixTree:
             elif not parent.children and parent.lock_ref == 0:
                 self._add_evictable(parent)
         return freed
+
+    def _rekey(self) -> None:
+        """Recompute every evictable leaf's key after the policy changed its order as a whole.
+        O(leaves log leaves); policies change order rarely (see `EvictionPolicy.generation`)."""
+        self._generation = self.policy.generation
+        for g in self.groups:
+            g.evictable = SortedList()
+        for node in self._evictable_nodes.values():
+            node.evict_key = self.policy.key(node)
+            node.owner.group.evictable.add((node.evict_key, node.uid))
 
     def clear(self) -> list[int]:
         """Detach every node; returns the blocks no one holds now. Locked nodes keep their
@@ -287,7 +406,11 @@ class RadixTree:
         for root in self.roots.values():
             root.detached = True
         self.roots = {}
-        self._evictable = SortedList()
+        for g in self.groups:
+            g.evictable = SortedList()
+            g.blocks = 0
+        for t in self.tenants.values():
+            t.blocks = 0
         self._evictable_nodes = {}
         self.num_blocks = 0
         self.num_nodes = 0
@@ -341,6 +464,17 @@ class RadixTree:
         assert total == self.num_blocks, f"tree counts {self.num_blocks} blocks, holds {total}"
         assert nodes == self.num_nodes, f"tree counts {self.num_nodes} nodes, holds {nodes}"
         assert set(self._evictable_nodes) == evictable, "evictable set differs from the unlocked leaves"
-        assert len(self._evictable) == len(evictable), "evictable list and map differ in size"
-        for key, uid in self._evictable:
-            assert self._evictable_nodes[uid].evict_key == key, f"node {uid} is listed under a stale key"
+        assert sum(len(g.evictable) for g in self.groups) == len(evictable), "evictable lists and map differ in size"
+        for g in self.groups:
+            for key, uid in g.evictable:
+                node = self._evictable_nodes[uid]
+                assert node.evict_key == key, f"node {uid} is listed under a stale key"
+                assert node.owner.group is g, f"node {uid} is listed in another tenant's group"
+        per_tenant: dict[bytes, int] = {}
+        for node in self.iter_nodes():
+            per_tenant[node.owner.key] = per_tenant.get(node.owner.key, 0) + len(node.block_ids)
+        for t in self.tenants.values():
+            assert t.blocks == per_tenant.get(t.key, 0), f"tenant {t.name!r} counts {t.blocks} blocks"
+        for g in self.groups:
+            want = sum(t.blocks for t in self.tenants.values() if t.group is g)
+            assert g.blocks == want, f"a group counts {g.blocks} blocks, its tenants hold {want}"

@@ -16,6 +16,8 @@ from radixkv.benchmarks.trace import find_trace
 from radixkv.benchmarks.workload import best_hit_tokens
 from radixkv.benchmarks.workloads import WORKLOADS
 
+from radixkv import DEFAULT_EVICTION
+
 BLOCK = 16
 
 
@@ -143,6 +145,9 @@ def test_trace_sweep_on_the_first_requests(tmp_path: Path) -> None:
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["requests"] == 150 and doc["block_size"] == 512
+    shown = list(dict.fromkeys(["lru", DEFAULT_EVICTION]))  # the default beside LRU, always
+    assert list(doc["hit_rate"])[: len(shown)] == shown
+    assert f"{DEFAULT_EVICTION} (default) hit rate" in (tmp_path / "table.md").read_text()
     for rates in doc["hit_rate"].values():
         assert 0 < rates[0] <= rates[1] <= doc["unlimited_hit_rate"] + 1e-12
     assert (tmp_path / "hit_rate_vs_capacity.png").is_file()

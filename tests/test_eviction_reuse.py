@@ -56,11 +56,10 @@ def test_reuse_is_registered_and_selected_by_name() -> None:
     assert isinstance(a.policy, ReuseOdds) and a.policy is not b.policy
 
 
-def test_reuse_is_the_default_policy() -> None:
-    """A cache built without `eviction` gets DEFAULT_EVICTION, which is "reuse"."""
-    assert DEFAULT_EVICTION == "reuse"
+def test_a_cache_built_without_eviction_gets_the_default_policy() -> None:
+    """A cache built without `eviction` gets DEFAULT_EVICTION."""
     cache = PrefixCache(SPEC, capacity_tokens=8 * BS, block_size=BS)
-    assert isinstance(cache.policy, ReuseOdds)
+    assert isinstance(cache.policy, POLICIES[DEFAULT_EVICTION])
 
 
 @pytest.mark.parametrize(

@@ -560,7 +560,7 @@ def test_wrap_uses_the_default_policy_unless_told() -> None:
     _, default = fresh("llama")
     _, lru = fresh("llama", eviction="lru")
     assert default.cache is not None and lru.cache is not None
-    assert default.cache.policy.name == radixkv.DEFAULT_EVICTION == "reuse"
+    assert default.cache.policy.name == radixkv.DEFAULT_EVICTION
     assert lru.cache.policy.name == "lru"
 
 

@@ -1,0 +1,134 @@
+"""The "adaptive" eviction policy (radixkv/adaptive.py): LRU unless a sampled miniature replay
+shows the learned reuse order winning."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from kvutil import SPEC, kv_for
+from radixkv.benchmarks.generalize import generate, replay, working_set_blocks
+
+from radixkv import POLICIES, PrefixCache
+from radixkv.adaptive import Adaptive
+
+BS = 4
+
+
+def _cache(capacity_blocks: int, eviction: str | Adaptive = "adaptive") -> PrefixCache:
+    return PrefixCache(SPEC, capacity_tokens=capacity_blocks * BS, block_size=BS, eviction=eviction)
+
+
+def _serve(cache: PrefixCache, ids: list[int]) -> int:
+    with cache.match(ids[:-1]) as m:
+        hit = m.num_tokens
+    cache.insert(ids, kv_for(ids))
+    return hit
+
+
+def test_adaptive_is_registered_and_starts_as_lru() -> None:
+    cache = _cache(64)
+    policy = cache.policy
+    assert POLICIES["adaptive"] is Adaptive and isinstance(policy, Adaptive)
+    assert not policy.learned and policy.switches == 0
+    assert policy.rate == 1.0 and policy.mini_lru.cap == 64  # a small cache is simulated in full
+
+
+def test_a_large_cache_samples_between_one_and_five_percent_of_blocks() -> None:
+    policy = Adaptive()
+    policy.bind(160_000)  # 2,560,000 tokens of 16
+    assert 0.01 <= policy.rate <= 0.05
+    assert policy.mini_lru.cap == round(160_000 * policy.rate)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"target": 0}, {"target": 1.5}, {"min_rate": 0.0}, {"min_rate": 2.0}, {"margin": -0.1}, {"horizon": 0.0}],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Adaptive(**kwargs)
+
+
+def test_it_switches_to_the_learned_order_under_floods_and_keeps_the_shared_prefix() -> None:
+    """A hot prefix beside long one-off prompts: the learned order keeps the prefix, LRU flushes
+    it; the miniatures see that, the policy switches, and the real cache then keeps the prefix."""
+    hot = list(range(8 * BS))
+    hits = {}
+    for eviction in ("lru", "adaptive"):
+        cache, nxt, total = _cache(40, eviction), 10_000, 0
+        rng = random.Random(0)
+        for _ in range(600):
+            if rng.random() < 0.5:
+                total += _serve(cache, [*hot, nxt, nxt + 1, nxt + 2, nxt + 3])
+            else:
+                total += _serve(cache, list(range(nxt, nxt + 24 * BS)))  # 24 blocks, used once
+            nxt += 24 * BS + 4
+        cache.check_invariants()
+        hits[eviction] = total
+        if eviction == "adaptive":
+            assert cache.policy.learned and cache.policy.switches >= 1
+    assert hits["adaptive"] > 1.1 * hits["lru"]
+
+
+def test_it_stays_with_lru_where_the_learned_order_loses() -> None:
+    """Long one-off documents from many roots: the learned order alone loses a third or more of
+    LRU's hits; the adaptive policy keeps at least 98% of them."""
+    trace = generate("longdoc", 0, 250)
+    cap = round(working_set_blocks(trace) * 0.03)
+    lru, learned, adaptive = (replay(trace, cap, p)[0] for p in ("lru", "reuse", "adaptive"))
+    assert learned < 0.8 * lru
+    assert adaptive >= 0.98 * lru
+
+
+def test_a_switch_rekeys_every_evictable_leaf_before_the_next_eviction() -> None:
+    """After the order changes, the evictable list follows the new keys (checked by check_invariants
+    and by comparing each listed key with the policy's key now)."""
+    cache = _cache(40)
+    policy = cache.policy
+    for i in range(30):
+        ids = list(range(1000 * i, 1000 * i + 5 * BS))
+        cache.insert(ids, kv_for(ids))
+        with cache.match(ids[: 2 * BS]):
+            pass
+    policy.learned = True  # as a switch does
+    policy.generation += 1
+    cache.evict(BS)
+    tree = cache._tree
+    listed = [(key, uid) for g in tree.groups for key, uid in g.evictable]
+    assert listed and all(key == policy.key(tree._evictable_nodes[uid]) for key, uid in listed)
+    cache.check_invariants()
+
+
+def test_random_operations_keep_every_invariant_of_tree_and_policy() -> None:
+    """Seeded random matches (some held), inserts, evictions and clears in two namespaces, with
+    a policy that may switch often: check_invariants after every step."""
+    rng = random.Random("adaptive-stress")
+    policy = Adaptive(margin=0.0, sigmas=0.0, horizon=0.5)
+    cache = PrefixCache(SPEC, capacity_tokens=30 * BS, block_size=BS, eviction=policy)
+    bases = [[rng.randrange(5) for _ in range(10 * BS)] for _ in range(6)]
+    live = []
+    for _ in range(3000):
+        ns = rng.choice([None, "t"])
+        base = rng.choice(bases)
+        ids = base[: rng.randrange(0, len(base) + 1)] + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * BS))]
+        op = rng.random()
+        if op < 0.45:
+            cache.insert(ids, kv_for(ids, ns), namespace=ns)
+        elif op < 0.8:
+            m = cache.match(ids, namespace=ns)
+            if rng.random() < 0.3 and len(live) < 4:
+                live.append(m)
+            else:
+                cache.release(m)
+        elif op < 0.9 and live:
+            cache.release(live.pop(rng.randrange(len(live))))
+        elif op < 0.995:
+            cache.evict(rng.randrange(0, 12 * BS))
+        else:
+            cache.clear()
+        cache.check_invariants()
+    for m in live:
+        cache.release(m)
+    cache.check_invariants()
+    assert cache.stats.evicted_tokens > 0 and policy.switches >= 2
