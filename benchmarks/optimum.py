@@ -10,7 +10,7 @@ later than its child's; breaking ties deepest first, the farthest block is alway
 this is also the best leaf-only eviction and the cache stays prefix-closed. The blocks of the
 request being stored are locked, as in `PrefixCache`.
 
-`bypass=False` (the default) stores every block as the cache does (the issue's reference
+`bypass=False` (the default) stores every block as the cache does (the reference
 figure, 0.346 at 2,560,000 tokens with 512-token blocks). `bypass=True` may also decline to
 store a block whose next use is later than every cached block's, which an insert that always
 stores cannot do: a slightly higher bound. Neither is proved optimal for prefix-weighted

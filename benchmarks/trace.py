@@ -23,7 +23,7 @@ from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
 
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
 TRACE_BLOCK = 512
-# The benchmark spec of the issue: 1 layer, 1 KV head, head_dim 8, float16 (32 bytes/token).
+# The trace benchmark's spec: 1 layer, 1 KV head, head_dim 8, float16 (32 bytes/token).
 TINY_SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16, device="cpu")
 
 

@@ -19,10 +19,10 @@ Results (llama-100m, float32, CPU container with 2 cores shared with other jobs,
 ~5, `--threads 1 --repeats 9`; two OpenMP threads on an oversubscribed machine made every
 figure erratic). TTFT medians:
 
-    core KVPool.gather as of e3e7947    plain 9,395 ms   recipe 359 ms   radixkv 405 ms
-                                        radixkv: 23.2x faster than plain, 1.13x the recipe
+    gather into one tensor for all      plain 9,395 ms   recipe 359 ms   radixkv 405 ms
+    layers                              radixkv: 23.2x faster than plain, 1.13x the recipe
     gather with one index_select        plain 9,725 ms   recipe 385 ms   radixkv 377 ms
-    per layer and K/V (proposed)        radixkv: 25.8x faster than plain, 0.98x the recipe
+    per layer and K/V (KVPool.gather)   radixkv: 25.8x faster than plain, 0.98x the recipe
 
 The gap in the first row is the pool gather: one fresh 50 MB tensor for all layers is above
 glibc's mmap threshold, so every request faults in new pages (~40 ms), while per-layer tensors

@@ -24,12 +24,11 @@ from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import DynamicLayer
 
 from radixkv import KVSpec
+from radixkv.pool import LayerKV
 
 from ._hf_layout import BatchLayout
 
 __all__ = ["CACHE_KWARG", "LayerKV", "ModelKV", "UnsupportedKV", "build_past", "probe_model_kv", "row_kv"]
-
-LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
 def _cache_kwarg() -> str:

@@ -60,9 +60,6 @@ class EvictedRuns:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def __contains__(self, first_hash: int) -> bool:
-        return first_hash in self._runs
-
     def remember(self, hashes: list[int], uses: int, last_use: int, now: int) -> None:
         """Remember the evicted run `hashes` (its blocks' use count and last use)."""
         runs = self._runs

@@ -11,8 +11,6 @@ from array import array
 
 import xxhash
 
-Namespace = None | str | bytes | int | tuple  # tuples of these, nested
-
 
 def namespace_key(namespace: object, name: str = "namespace") -> bytes:
     """Encode a namespace as tagged, length-prefixed bytes; distinct namespaces never collide.

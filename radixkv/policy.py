@@ -9,9 +9,9 @@ as a whole, it bumps `generation` and the tree re-keys every evictable leaf befo
 eviction (O(leaves log leaves)), so such changes must be rare.
 
 Node statistics the tree maintains, readable by every hook: `last_access` and `created` (clock
-ticks), `hits` (matches that used the node), `priority` (the highest any insert gave it),
-`depth_tokens` (tokens before the node) and `block_hashes`; `policy_state` is the policy's own
-per-node slot (None until it sets it; both halves of a split keep it).
+ticks), `hits` (matches that used the node), `priority` (the highest any insert gave it) and
+`block_hashes`; `policy_state` is the policy's own per-node slot (None until it sets it; both
+halves of a split keep it).
 
 Policies are registered by name in `policies.py`; the simple ones are in `eviction.py`, the
 learned one in `reuse_odds.py`, the default in `adaptive.py`. This module imports none of them.

@@ -57,7 +57,7 @@ class Node:
 
     __slots__ = (
         "uid", "parent", "children", "tokens", "block_ids", "block_hashes", "lock_ref",
-        "last_access", "created", "hits", "priority", "depth_tokens", "evict_key", "detached",
+        "last_access", "created", "hits", "priority", "evict_key", "detached",
         "ns_key", "root_hash", "policy_state", "owner",
     )  # fmt: skip
 
@@ -73,7 +73,6 @@ class Node:
         self.created = now
         self.hits = 0
         self.priority = 0
-        self.depth_tokens = 0
         self.evict_key: object | None = None  # set while the node is in the evictable list
         self.detached = False
         self.ns_key: bytes = b""
@@ -227,8 +226,6 @@ class RadixTree:
         upper.hits, upper.priority = child.hits, child.priority
         upper.policy_state = child.policy_state
         upper.owner = child.owner
-        upper.depth_tokens = child.depth_tokens
-        child.depth_tokens += k * bs
         parent.children[tuple(upper.tokens[:bs])] = upper
         upper.children[tuple(child.tokens[:bs])] = child
         child.parent = upper
@@ -300,7 +297,6 @@ class RadixTree:
                 node.tokens, node.block_ids = tokens[start * bs : end * bs], block_ids[start:end]
                 node.block_hashes = hashes[start:end]
             node.priority = priority
-            node.depth_tokens = parent.depth_tokens + len(parent.tokens)
             parent.children[tuple(node.tokens[:bs])] = node
             self.num_blocks += n
             node.owner.blocks += n
@@ -446,7 +442,6 @@ class RadixTree:
             assert len(node.tokens) == nb * bs, f"{node} has {len(node.tokens)} tokens for {nb} blocks"
             assert len(node.block_hashes) == nb, f"{node} has {len(node.block_hashes)} hashes for {nb} blocks"
             assert parent.children.get(tuple(node.tokens[:bs])) is node, f"{node} is not under its first block"
-            assert node.depth_tokens == parent.depth_tokens + len(parent.tokens), f"{node} has a wrong depth"
             assert node.lock_ref >= 0, f"{node} has a negative lock count"
             assert parent.parent is None or node.lock_ref <= parent.lock_ref, (
                 f"{node} is locked more often than its parent"

@@ -15,6 +15,7 @@ from radixkv.benchmarks.trace_sweep import unlimited_hit_tokens
 from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 from radixkv.ghost import EvictedRuns, checkpoints
 from radixkv.reuse_odds import ReuseOdds, _exponential_mean, _observed_mean
+from radixkv.tree import Node
 
 BS = 4
 
@@ -41,6 +42,14 @@ class _Fresh:
         out = list(range(self.next, self.next + blocks * BS))
         self.next += blocks * BS
         return out
+
+
+def _depth(node: Node) -> int:
+    """How many nodes lie above `node` (its root included)."""
+    depth = 0
+    while node.parent is not None:
+        node, depth = node.parent, depth + 1
+    return depth
 
 
 def _policy(cache: PrefixCache) -> ReuseOdds:
@@ -91,9 +100,10 @@ def _train_hot_prefix(cache: PrefixCache, hot: list[int], fresh: _Fresh, rounds:
 
 
 def test_a_much_reused_prefix_survives_a_flood_of_one_off_prompts_that_flushes_it_under_lru() -> None:
-    """The issue's failure: long one-off prompts flush the prefix many requests share. Once the
-    policy has seen that one-offs are never reused and the prefix always is, a flood of one-offs
-    larger than the whole cache evicts one-offs, not the prefix; LRU loses the prefix."""
+    """The failure this policy exists for: long one-off prompts flush the prefix many requests
+    share. Once the policy has seen that one-offs are never reused and the prefix always is, a
+    flood of one-offs larger than the whole cache evicts one-offs, not the prefix; LRU loses the
+    prefix."""
     hot = list(range(8 * BS))  # 8 blocks
     survived = {}
     for eviction in ("lru", "reuse"):
@@ -158,7 +168,7 @@ def test_an_evicted_prefix_stored_again_resumes_its_use_count_on_a_node_of_its_o
     assert cache.evict(6 * BS) == 6 * BS
     longer = prefix + list(range(500, 500 + 2 * BS))
     cache.insert(longer, kv_for(longer))
-    nodes = sorted(cache._tree.iter_nodes(), key=lambda n: n.depth_tokens)
+    nodes = sorted(cache._tree.iter_nodes(), key=_depth)
     assert [len(n.block_ids) for n in nodes] == [6, 2]
     assert [_policy(cache).uses(n) for n in nodes] == [5, 1]  # 4 remembered + this insert; new
     assert len(_policy(cache).ghost) == 0
@@ -175,7 +185,7 @@ def test_a_prompt_that_leaves_an_evicted_run_midway_is_credited_only_for_what_it
     cache.evict(16 * BS)
     other = prefix[: 8 * BS] + list(range(900, 900 + 8 * BS))  # shares blocks 1..8 of the run
     cache.insert(other, kv_for(other))
-    nodes = sorted(cache._tree.iter_nodes(), key=lambda n: n.depth_tokens)
+    nodes = sorted(cache._tree.iter_nodes(), key=_depth)
     assert [len(n.block_ids) for n in nodes] == [8, 8]
     assert [_policy(cache).uses(n) for n in nodes] == [3, 1]
     cache.check_invariants()
