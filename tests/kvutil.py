@@ -1,13 +1,15 @@
-"""Shared helpers for the core tests: deterministic KV and a tree fingerprint."""
+"""Shared helpers for the core tests: deterministic KV, a tree fingerprint, threads and seeded
+random traffic."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
 
 import torch
 
-from radixkv import KVSpec, PrefixCache
+from radixkv import KVSpec, PrefixCache, PrefixMatch
 from radixkv.hashing import namespace_key
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -83,3 +85,68 @@ def run_threads(worker: Callable[[int], None], n: int, timeout: float = 120.0) -
     assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock?)"
     if errors:
         raise errors[0]
+
+
+def prefixes_of(
+    bases: list[list[int]], namespaces: list[object], tail_max: int, vocab: int = 5
+) -> Callable[[random.Random], tuple[list[int], object]]:
+    """A `draw` for `random_operations`: a namespace from `namespaces`, then a random prefix of a
+    random base followed by 0..tail_max - 1 random tokens below `vocab`."""
+
+    def draw(rng: random.Random) -> tuple[list[int], object]:
+        ns = rng.choice(namespaces)
+        base = rng.choice(bases)
+        head = base[: rng.randrange(0, len(base) + 1)]
+        return head + [rng.randrange(vocab) for _ in range(rng.randrange(0, tail_max))], ns
+
+    return draw
+
+
+def random_operations(
+    cache: PrefixCache,
+    rng: random.Random,
+    steps: int,
+    draw: Callable[[random.Random], tuple[list[int], object]],
+    *,
+    evict_max: int,
+    insert_below: float = 0.45,
+    around_insert: Callable[[list[int], object, Callable[[], None]], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> None:
+    """Seeded random traffic: each step draws `(ids, namespace)` from `draw(rng)` and then
+    inserts them (probability `insert_below`), matches them (up to 0.8; 30% of matches are held,
+    at most 4 at once), releases a held match (up to 0.9), evicts 0..evict_max - 1 tokens (up to
+    0.995) or clears the cache; `check_invariants` runs after every step, then `after_step(step)`.
+    `around_insert(ids, namespace, insert)` wraps each insert (it must call `insert()`), for
+    checks before and after it. Held matches are released at the end and the invariants rechecked."""
+    live: list[PrefixMatch] = []
+    for step in range(steps):
+        ids, ns = draw(rng)
+        op = rng.random()
+        if op < insert_below:
+
+            def insert(ids: list[int] = ids, ns: object = ns) -> None:
+                cache.insert(ids, kv_for(ids, ns), namespace=ns)
+
+            if around_insert is None:
+                insert()
+            else:
+                around_insert(ids, ns, insert)
+        elif op < 0.8:
+            m = cache.match(ids, namespace=ns)
+            if rng.random() < 0.3 and len(live) < 4:
+                live.append(m)
+            else:
+                cache.release(m)
+        elif op < 0.9 and live:
+            cache.release(live.pop(rng.randrange(len(live))))
+        elif op < 0.995:
+            cache.evict(rng.randrange(0, evict_max))
+        else:
+            cache.clear()
+        cache.check_invariants()
+        if after_step is not None:
+            after_step(step)
+    for m in live:
+        cache.release(m)
+    cache.check_invariants()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kvutil import SPEC, kv_for
+from kvutil import SPEC, kv_for, prefixes_of, random_operations
 
 from radixkv import POLICIES, PrefixCache
 from radixkv.adaptive import Adaptive
@@ -96,28 +96,6 @@ def test_random_operations_keep_every_invariant_of_tree_and_policy() -> None:
     policy = Adaptive(margin=0.0, sigmas=0.0, horizon=0.5)
     cache = PrefixCache(SPEC, capacity_tokens=30 * BS, block_size=BS, eviction=policy)
     bases = [[rng.randrange(5) for _ in range(10 * BS)] for _ in range(6)]
-    live = []
-    for _ in range(3000):
-        ns = rng.choice([None, "t"])
-        base = rng.choice(bases)
-        ids = base[: rng.randrange(0, len(base) + 1)] + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * BS))]
-        op = rng.random()
-        if op < 0.45:
-            cache.insert(ids, kv_for(ids, ns), namespace=ns)
-        elif op < 0.8:
-            m = cache.match(ids, namespace=ns)
-            if rng.random() < 0.3 and len(live) < 4:
-                live.append(m)
-            else:
-                cache.release(m)
-        elif op < 0.9 and live:
-            cache.release(live.pop(rng.randrange(len(live))))
-        elif op < 0.995:
-            cache.evict(rng.randrange(0, 12 * BS))
-        else:
-            cache.clear()
-        cache.check_invariants()
-    for m in live:
-        cache.release(m)
-    cache.check_invariants()
+    draw = prefixes_of(bases, [None, "t"], tail_max=3 * BS)
+    random_operations(cache, rng, 3000, draw, evict_max=12 * BS)
     assert cache.stats.evicted_tokens > 0 and policy.switches >= 2

@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvutil import SPEC, cached_prefixes, kv_for
+from kvutil import SPEC, cached_prefixes, kv_for, prefixes_of, random_operations
 
 from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 from radixkv.ghost import EvictedRuns, checkpoints
@@ -221,32 +221,13 @@ def test_random_operations_keep_every_invariant_of_tree_and_policy() -> None:
     policy = ReuseOdds(ghost_entries=16, update_every=8)
     cache = PrefixCache(SPEC, capacity_tokens=30 * BS, block_size=BS, eviction=policy)
     bases = [[rng.randrange(5) for _ in range(10 * BS)] for _ in range(6)]
-    live = []
-    for step in range(4000):
-        ns = rng.choice([None, "t"])
-        base = rng.choice(bases)
-        ids = base[: rng.randrange(0, len(base) + 1)] + [rng.randrange(5) for _ in range(rng.randrange(0, 3 * BS))]
-        op = rng.random()
-        if op < 0.45:
-            cache.insert(ids, kv_for(ids, ns), namespace=ns)
-        elif op < 0.8:
-            m = cache.match(ids, namespace=ns)
-            if rng.random() < 0.3 and len(live) < 4:
-                live.append(m)
-            else:
-                cache.release(m)
-        elif op < 0.9 and live:
-            cache.release(live.pop(rng.randrange(len(live))))
-        elif op < 0.995:
-            cache.evict(rng.randrange(0, 12 * BS))
-        else:
-            cache.clear()
-        cache.check_invariants()
+    draw = prefixes_of(bases, [None, "t"], tail_max=3 * BS)
+
+    def counts_are_sane(step: int) -> None:
         for node in cache._tree.iter_nodes():
             assert isinstance(node.policy_state, int) and node.policy_state >= 0, f"step {step}: {node}"
-    for m in live:
-        cache.release(m)
-    cache.check_invariants()
+
+    random_operations(cache, rng, 4000, draw, evict_max=12 * BS, after_step=counts_are_sane)
     assert cache.stats.evicted_tokens > 0 and policy.mean_gap > 0
     assert any(n.policy_state for n in cache._tree.iter_nodes()) or len(policy.ghost) > 0
 

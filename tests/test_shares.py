@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
-from kvutil import SPEC, kv_for
+from kvutil import SPEC, kv_for, random_operations
 
 from radixkv import PrefixCache
 
@@ -172,35 +173,23 @@ def test_random_operations_with_shares_keep_every_invariant() -> None:
     and a tenant within its share never loses blocks to another tenant's insert."""
     rng = random.Random("shares")
     cache = _cache(40, shares={"A": 0.3, "B": 0.2})
-    live = []
-    for _ in range(2500):
+
+    def draw(rng: random.Random) -> tuple[list[int], object]:
         ns = rng.choice(["A", "B", "C", "C"])
-        ids = _prompt(rng.randrange(12), rng.randrange(1, 6))[: rng.randrange(1, 24)]
-        op = rng.random()
-        if op < 0.5:
-            before = {k: v.cached_tokens for k, v in cache.stats.namespaces.items()}
-            shares = {"A": 12 * BS, "B": 8 * BS}
-            cache.insert(ids, kv_for(ids, ns), namespace=ns)
-            after = cache.stats.namespaces
-            for other, share in shares.items():
-                if other != ns and before.get(other, 0) <= share and other in after:
-                    assert after[other].cached_tokens >= before.get(other, 0), f"{ns}'s insert took {other}'s blocks"
-        elif op < 0.8:
-            m = cache.match(ids, namespace=ns)
-            if rng.random() < 0.3 and len(live) < 4:
-                live.append(m)
-            else:
-                cache.release(m)
-        elif op < 0.9 and live:
-            cache.release(live.pop(rng.randrange(len(live))))
-        elif op < 0.995:
-            cache.evict(rng.randrange(0, 10 * BS))
-        else:
-            cache.clear()
-        cache.check_invariants()
-    for m in live:
-        cache.release(m)
-    cache.check_invariants()
+        return _prompt(rng.randrange(12), rng.randrange(1, 6))[: rng.randrange(1, 24)], ns
+
+    def no_blocks_taken_within_a_share(ids: list[int], ns: object, insert: Callable[[], None]) -> None:
+        before = {k: v.cached_tokens for k, v in cache.stats.namespaces.items()}
+        shares = {"A": 12 * BS, "B": 8 * BS}
+        insert()
+        after = cache.stats.namespaces
+        for other, share in shares.items():
+            if other != ns and before.get(other, 0) <= share and other in after:
+                assert after[other].cached_tokens >= before.get(other, 0), f"{ns}'s insert took {other}'s blocks"
+
+    random_operations(
+        cache, rng, 2500, draw, evict_max=10 * BS, insert_below=0.5, around_insert=no_blocks_taken_within_a_share
+    )
     assert cache.stats.evicted_tokens > 0
 
 
