@@ -73,48 +73,53 @@ class CachedModel:
 
     Contract of `generate(*args, **kwargs)`: same arguments and same return value as
     `model.generate` (tensor, or the `Generate*Output` with `return_dict_in_generate=True`).
+    The rules are numbered as the tests in tests/test_hf_generate.py name them (`test_ruleN_*`).
       1. Each row's real tokens (padding excluded) are matched against the cache, at most
-         len - 1 tokens. The batch is prefilled on its last S = max(len_i - hit_i) columns and
-         each row reuses max(0, len_i - S) cached tokens (see `_hf_layout`: suffix-aligned, so
-         the model sees exactly the caller's input_ids and mask). One row: all of its hit.
-      2. After generate, each row's prompt and, where `reuse_generated` is true, its generated
-         tokens (up to the first EOS) are inserted, whole blocks only, never padding. Beam
+         len - 1 tokens, and only the uncached suffix is prefilled. One row: all of its hit.
+      2. A batch is prefilled on its last S = max(len_i - hit_i) columns and each row reuses
+         max(0, len_i - S) cached tokens (see `_hf_layout`: suffix-aligned, so the model sees
+         exactly the caller's input_ids and mask): each row gets its own hit, not the minimum.
+      3. After generate, each row's prompt and, where `reuse_generated` is true, its generated
+         tokens (up to the first EOS) are inserted, whole blocks only, never padding.
+      4. Match locks are released right after the KV is gathered, in a `finally`, so any
+         exception (stopping criteria, streamers, the model, KeyboardInterrupt) leaves no lock;
+         an exception inside generate inserts nothing.
+      5. Beam search and `num_return_sequences` > 1 are served and match plain `generate`; beam
          search inserts prompts only (its final cache rows belong to running beams, not to the
          returned sequences).
+      6. Sliding-window layers are served (they keep all tokens during the call: O(T) memory,
+         not O(window)). What the cache cannot serve is passed unchanged to `model.generate`,
+         with one `UncachedWarning` saying why: unsupported models (encoder-decoder, recurrent /
+         linear-attention or other non-KV layers, no position_ids), `past_key_values` or
+         `cache`, `use_cache=False`, `inputs_embeds`, `assistant_model` and other assisted / hub
+         decoding modes, `cache_implementation`, `token_healing`, `output_attentions` /
+         `output_hidden_states`, extra model inputs (e.g. `position_ids`, `token_type_ids`),
+         masks that are not left padding, training mode.
+      7. Bad input goes to `model.generate` silently and gets its own error. What transformers
+         rejects before decoding (ids, masks, unknown kwargs, generation config values) is
+         caught before any lookup; what only its decoding loop finds (e.g. temperature < 0)
+         costs one counted lookup. Either way nothing is inserted and no lock is left.
+         A model whose weights changed dtype or device since `wrap` raises RuntimeError.
+      8. Weights: each cached call first checks every parameter's and buffer's identity,
+         storage and in-place version counter (optimizer steps, `load_state_dict`, `p.add_()`
+         under no_grad, a replaced module); on a change it drops the cache and keys new entries
+         by a new weights epoch, so KV computed by old weights is never reused, even when a call
+         that was already running inserts after the change. Adapter layers (PEFT LoRA etc.:
+         active adapters, disabled, merged) pick the namespace instead: switching adapters keeps
+         each adapter's entries apart and warm. Not seen: in-place edits through `p.data`; call
+         `cache.clear()` after those.
     Exactness: greedy tokens equal plain `generate`'s, float32 scores within 1e-4. In float16
     and bfloat16 this holds because only prefill-computed KV is stored by default (decode-step
     KV of the same tokens differs by up to 1 ulp; `reuse_generated=True` trades that for hits
     on the latest answer), provided the attention kernel gives a prefix the same KV whatever
     follows it: eager attention on CPU does; torch's fused CPU sdpa kernel rounds the last rows
     of a half-precision prefill by prefill length (1 ulp), so near-ties can still flip (README).
-      3. Match locks are released right after the KV is gathered, in a `finally`, so any
-         exception (stopping criteria, streamers, the model, KeyboardInterrupt) leaves no lock;
-         an exception inside generate inserts nothing.
-      4. Passed unchanged to `model.generate`, with one `UncachedWarning` saying why:
-         unsupported models (encoder-decoder, recurrent / linear-attention or other non-KV
-         layers, no position_ids), `past_key_values` or `cache`, `use_cache=False`, `inputs_embeds`,
-         `assistant_model` and other assisted / hub decoding modes, `cache_implementation`,
-         `token_healing`, `output_attentions` / `output_hidden_states`, extra model inputs
-         (e.g. `position_ids`, `token_type_ids`), masks that are not left padding, training mode.
-      5. Bad input goes to `model.generate` silently and gets its own error. What transformers
-         rejects before decoding (ids, masks, unknown kwargs, generation config values) is
-         caught before any lookup; what only its decoding loop finds (e.g. temperature < 0)
-         costs one counted lookup. Either way nothing is inserted and no lock is left.
-         A model whose weights changed dtype or device since `wrap` raises RuntimeError.
     Costs per cached call: one `match` per row (O(tokens) hashing), one copy of the reused KV
     (none extra for a single unpadded row), one insert per returned row (copies new blocks).
-    Weights: each cached call first checks every parameter's and buffer's identity, storage and
-    in-place version counter (optimizer steps, `load_state_dict`, `p.add_()` under no_grad, a
-    replaced module); on a change it drops the cache and keys new entries by a new weights epoch,
-    so KV computed by old weights is never reused, even when a call that was already running
-    inserts after the change. Adapter layers (PEFT LoRA etc.: active adapters, disabled, merged)
-    pick the namespace instead: switching adapters keeps each adapter's entries apart and warm.
-    Not seen: in-place edits through `p.data`; call `cache.clear()` after those.
     Lower tiers (`host_capacity_tokens`, `disk_path`): entries are keyed by a fingerprint of the
     model (class, config, every weight's bytes; one pass over the weights at wrap and after each
     weight change) instead of the epoch, so disk entries serve later processes of the same
     weights only. The config's JSON includes the transformers version: an upgrade starts afresh.
-    Sliding-window layers keep all tokens during the call (O(T) memory, not O(window)).
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
 

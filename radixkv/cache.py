@@ -638,7 +638,12 @@ class PrefixCache:
 
     # ----- integrity -------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Raise AssertionError describing the first broken invariant. Cost: O(blocks + nodes)."""
+        """Raise AssertionError describing the first broken invariant.
+
+        Cost: O(cached tokens) hashing (every cached block's hash is recomputed from its tokens)
+        plus O(blocks + nodes + total path length of the live matches), plus the policy's and
+        the tiers' own checks. Meant for tests, not for a serving loop.
+        """
         with self._lock:
             tree = self._tree
             tree.check()

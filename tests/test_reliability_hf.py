@@ -306,7 +306,7 @@ GENERATE_CASES: list[tuple[str, Callable[[Generate], object], type[Exception], s
     ("num_beams=0", lambda g: g(row(P), num_beams=0, **GREEDY), ValueError, "num_beams"),
     ("input_ids as a list", lambda g: g([P], **GREEDY), TypeError, "input_ids"),
 ]
-# Only generate's decoding setup finds these: contract rule 5 allows one counted lookup.
+# Only generate's decoding setup finds these: contract rule 7 allows one counted lookup.
 _LOOKED_UP = {"negative temperature"}
 # Plain generate's error is obscure here; the adapter raises a clearer one naming the argument.
 _CLEARER = {"num_beams=0": ZeroDivisionError, "input_ids as a list": AttributeError}
