@@ -18,7 +18,7 @@ from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from .policies import DEFAULT_EVICTION, make_policy
 from .policy import EvictionPolicy
 from .pool import KVPool, LayerKV
-from .quant import kv_bytes_per_token, make_quantizer
+from .quant import KVQuantizer, kv_bytes_per_token, make_quantizer
 from .spec import KVSpec
 from .tiers import Tiers, TierStats
 from .tokens import TokenIds, as_token_list
@@ -158,7 +158,8 @@ class PrefixCache:
         "int8" / "int4" store it quantised (radixkv.quant.KVQuantizer: per token and head,
         scales included, about 1.9x / 3.6x the float16 tokens in the same bytes); gather then
         returns approximations in the spec's dtype, and models reusing them give slightly
-        different outputs than without the cache.
+        different outputs than without the cache. The lower and shared tiers then keep the
+        quantised blocks as stored (bit for bit) under a fingerprint naming the kv_dtype.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
         The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
       - Entries in different namespaces never share nodes or blocks.
@@ -229,10 +230,7 @@ class PrefixCache:
                 f"than one block ({block_size} tokens x {per_token} bytes)"
             )
         _check_fits(which, num_blocks * block_size * per_token, spec.device)
-        if quantizer is not None and (host_capacity_tokens is not None or disk_path is not None or shared is not None):
-            # The host / disk / shared tiers copy the pool's exact layout; quantised pools do not have it yet.
-            raise ValueError(f"kv_dtype={kv_dtype!r} cannot be combined with host, disk or shared tiers yet")
-        host_blocks = _check_tiers(spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes)
+        host_blocks = _check_tiers(spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes, per_token)
         self.spec = spec
         self.block_size = block_size
         self.kv_dtype = kv_dtype
@@ -253,7 +251,7 @@ class PrefixCache:
             self._tree.on_evict = self._tiers.demote
         self._shared: RedisTier | None = None
         if shared is not None:
-            self._shared = _make_shared(shared, shared_model, spec, block_size)
+            self._shared = _make_shared(shared, shared_model, spec, block_size, self._pool.quantizer)
         elif shared_model is not None:
             raise ValueError("shared_model is only used with shared (a redis:// URL)")
         self.reset_stats()
@@ -735,7 +733,9 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _make_shared(shared: object, shared_model: object, spec: KVSpec, block_size: int) -> RedisTier:
+def _make_shared(
+    shared: object, shared_model: object, spec: KVSpec, block_size: int, quantizer: KVQuantizer | None
+) -> RedisTier:
     """Validate the shared-tier arguments and connect (SharedTierError on a refused password)."""
     from .redis_tier import RedisOptions, RedisTier
 
@@ -752,7 +752,7 @@ def _make_shared(shared: object, shared_model: object, spec: KVSpec, block_size:
         )
     if not isinstance(shared_model, (str, bytes)) or not shared_model:
         raise TypeError(f"shared_model must be a non-empty str or bytes, got {shared_model!r:.60}")
-    return RedisTier(options, spec, block_size, shared_model)
+    return RedisTier(options, spec, block_size, shared_model, quantizer)
 
 
 def _check_tiers(
@@ -761,13 +761,14 @@ def _check_tiers(
     host_capacity_tokens: int | None,
     disk_path: object,
     disk_capacity_bytes: int | None,
+    bytes_per_token: int,
 ) -> int:
     """Validate the lower-tier arguments; returns the host tier's size in blocks."""
     host_blocks = 0
     if host_capacity_tokens is not None:
         _check_int("host_capacity_tokens", host_capacity_tokens, minimum=0)
         host_blocks = host_capacity_tokens // block_size
-        _check_fits("host_capacity_tokens", host_blocks * block_size * spec.bytes_per_token, "cpu")
+        _check_fits("host_capacity_tokens", host_blocks * block_size * bytes_per_token, "cpu")
     if disk_capacity_bytes is not None:
         _check_int("disk_capacity_bytes", disk_capacity_bytes, minimum=0)
         if disk_path is None:

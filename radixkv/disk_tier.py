@@ -21,6 +21,7 @@ import xxhash
 
 from .hashing import chain_hashes
 from .kv_codec import FIXED, FORMAT_VERSION, MAGIC, SpecFingerprint, decode_header, encode_header, rest_length
+from .quant import KVQuantizer
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "SUFFIX", "DiskTier", "SpecFingerprint", "TierWarning"]
 from .spec import KVSpec
@@ -97,7 +98,14 @@ class DiskTier:
     the bytes; indexing at start reads every file's header.
     """
 
-    def __init__(self, path: str | os.PathLike[str], capacity_bytes: int, spec: KVSpec, block_size: int) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity_bytes: int,
+        spec: KVSpec,
+        block_size: int,
+        quantizer: KVQuantizer | None = None,
+    ) -> None:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
             raise TypeError(f"disk_capacity_bytes must be an int, got {type(capacity_bytes).__name__}")
         if capacity_bytes < 0:
@@ -112,10 +120,12 @@ class DiskTier:
         except OSError as exc:
             raise ValueError(f"disk_path={str(self.path)!r} cannot be created: {exc}") from exc
         self.capacity_bytes = capacity_bytes
-        self.fingerprint = SpecFingerprint.of(spec, block_size)
+        # quantizer: the pool's (None: exact); blocks are then stored as its codes and scales, in
+        # bytes, and the fingerprint names its kv_dtype so exact and quantised runs never meet.
+        self.fingerprint = SpecFingerprint.of(spec, block_size, quantizer)
         self.block_size = block_size
-        self.dtype = spec.dtype
-        self.block_bytes = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.element_size
+        self.dtype = spec.dtype if quantizer is None else torch.uint8
+        self.block_bytes = self.fingerprint.block_bytes(spec.element_size)
         self.stats = DiskStats()
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _File] = OrderedDict()  # least recently used first

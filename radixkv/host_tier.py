@@ -40,9 +40,11 @@ class HostStats:
 class HostTier:
     """A fixed number of KV blocks in host memory, grouped in runs, evicted least recently used.
 
-    Storage: one tensor `[num_blocks, L, 2 (K, V), H, block_size, D]` allocated at
-    construction (pinned when the device pool is on CUDA, so copies to and from it can be
-    asynchronous; plain memory otherwise); bookkeeping in plain integers.
+    Storage: one tensor `[num_blocks, L, 2 (K, V), H, block_size, D]` (a quantised pool's
+    blocks: `[num_blocks, L, 2, H, block_size, W]` bytes, codes and scales as the pool keeps
+    them, see KVPool.stored_block) allocated at construction (pinned when the device pool is
+    on CUDA, so copies to and from it can be asynchronous; plain memory otherwise);
+    bookkeeping in plain integers.
     Contract:
       - `put` stores a run of blocks (skipping those already held), first evicting whole
         least recently used runs, which it returns with their KV for the next tier.
@@ -55,15 +57,23 @@ class HostTier:
     plus O(blocks of the runs touched) dict updates.
     """
 
-    def __init__(self, spec: KVSpec, block_size: int, num_blocks: int, pin: bool) -> None:
+    def __init__(
+        self,
+        spec: KVSpec,
+        block_size: int,
+        num_blocks: int,
+        pin: bool,
+        stored_block: tuple[tuple[int, ...], torch.dtype] | None = None,
+    ) -> None:
         self.spec = spec
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.data = torch.zeros(
-            (num_blocks, spec.num_layers, 2, spec.num_kv_heads, block_size, spec.head_dim),
-            dtype=spec.dtype,
-            pin_memory=pin,
-        )
+        # stored_block: (shape, dtype) of one block as the pool hands it out (KVPool.stored_block);
+        # None: the exact layout [L, 2, H, bs, D] in spec.dtype.
+        if stored_block is None:
+            stored_block = ((spec.num_layers, 2, spec.num_kv_heads, block_size, spec.head_dim), spec.dtype)
+        shape, dtype = stored_block
+        self.data = torch.zeros((num_blocks, *shape), dtype=dtype, pin_memory=pin)
         self.block_bytes = self.data[0].numel() * self.data.element_size() if num_blocks else 0
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._runs: OrderedDict[int, Run] = OrderedDict()  # least recently used first

@@ -2,10 +2,12 @@
 
 Layout (little endian): a fixed part (magic, format version, the spec fingerprint: layers, KV
 heads, head_dim, block size, dtype length; namespace length, block count, token width, the
-chain hash before the run, bytes per block), then the dtype name, the namespace key, the token
+chain hash before the run, bytes per block), then the stored dtype name (the model dtype, with
+the kv_dtype appended for quantised KV: `float16-int8`), the namespace key, the token
 ids (uint32 when they all fit, else uint64), the block hashes, one xxh3-64 checksum per block's
 payload, and an xxh3-64 checksum of everything before it. The payload follows: one
-`[L, 2, H, block_size, D]` block after another. A disk file is one such run; a Redis value is
+`[L, 2, H, block_size, D]` block after another (quantised KV: `[L, 2, H, block_size, W]` bytes,
+each token-head's codes then its float16 scales). A disk file is one such run; a Redis value is
 a run of one block.
 
 Decoding checks only what the bytes say about themselves (magic, version, sizes, the header
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .quant import KVQuantizer
 from .spec import KVSpec
 
 MAGIC = b"RKVD"
@@ -33,29 +36,61 @@ _MAX_DTYPE_LEN = 64
 
 @dataclass(frozen=True)
 class SpecFingerprint:
-    """What stored KV must agree with to be served: the KV shape, dtype and block size."""
+    """What stored KV must agree with to be served: the KV shape, dtype, block size and, for a
+    quantised pool, its kv_dtype and group (the stored codes mean nothing under another one).
+
+    `stored_dtype` is the name written into headers and keys: the model dtype alone for exact
+    KV (`bfloat16`, as always), `bfloat16-int8` / `bfloat16-int4` (plus `g<group>` for groups
+    narrower than head_dim) for quantised KV, so exact and quantised runs never match.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str
     block_size: int
+    kv_dtype: str | None = None
+    group: int | None = None
 
     @classmethod
-    def of(cls, spec: KVSpec, block_size: int) -> SpecFingerprint:
+    def of(cls, spec: KVSpec, block_size: int, quantizer: KVQuantizer | None = None) -> SpecFingerprint:
+        dtype = str(spec.dtype).removeprefix("torch.")
+        if quantizer is None:
+            return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, block_size)
         return cls(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, str(spec.dtype).removeprefix("torch."), block_size
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, block_size, quantizer.kv_dtype, quantizer.group
         )
 
     @property
+    def stored_dtype(self) -> str:
+        if self.kv_dtype is None:
+            return self.dtype
+        group = "" if self.group in (None, self.head_dim) else f"g{self.group}"
+        return f"{self.dtype}-{self.kv_dtype}{group}"
+
+    @property
+    def block_width(self) -> int:
+        """Elements of the last block dim: head_dim exact; quantised, the bytes of one token-head's
+        codes followed by its float16 scales (see KVPool.read_blocks)."""
+        if self.kv_dtype is None:
+            return self.head_dim
+        q = KVQuantizer(self.kv_dtype, self.head_dim, self.group)
+        return q.code_dim + 2 * q.scale_dim
+
+    @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
-        """One block of KV: `[L, 2 (K, V), H, block_size, D]`."""
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        """One block of KV: `[L, 2 (K, V), H, block_size, D]` exact, `[..., block_width]` bytes quantised."""
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.block_width)
+
+    def block_bytes(self, element_size: int) -> int:
+        """Bytes of one stored block (`element_size`: of the model dtype; quantised blocks are bytes)."""
+        n = 2 * self.num_layers * self.num_kv_heads * self.block_size * self.block_width
+        return n if self.kv_dtype is not None else n * element_size
 
     @property
     def tag(self) -> str:
-        """A short, stable text form for keys: `L12-H4-D64-bfloat16-b16`."""
-        return f"L{self.num_layers}-H{self.num_kv_heads}-D{self.head_dim}-{self.dtype}-b{self.block_size}"
+        """A short, stable text form for keys: `L12-H4-D64-bfloat16-b16` (`-bfloat16-int8-` quantised)."""
+        return f"L{self.num_layers}-H{self.num_kv_heads}-D{self.head_dim}-{self.stored_dtype}-b{self.block_size}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +117,7 @@ def encode_header(
 ) -> bytes:
     """The header bytes of a run of `len(hashes)` blocks. Cost: O(tokens) in C."""
     width = 4 if not tokens or max(tokens) < 2**32 else 8
-    dtype = fp.dtype.encode()
+    dtype = fp.stored_dtype.encode()
     fixed = FIXED.pack(
         MAGIC, FORMAT_VERSION, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.block_size,
         len(dtype), len(ns_key), len(hashes), width, parent_hash, block_bytes,
@@ -131,7 +166,7 @@ def decode_header(data: bytes | memoryview, fp: SpecFingerprint, block_bytes: in
     if xxhash.xxh3_64_intdigest(fixed + body[:-8]) != int.from_bytes(body[-8:], "little"):
         return "header checksum mismatch"
     dtype = body[:dlen].decode("ascii", "replace")
-    if (layers, heads, dim, bs, dtype) != (fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.block_size, fp.dtype):
+    if (layers, heads, dim, bs, dtype) != (fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.block_size, fp.stored_dtype):
         return f"written for another KV spec ({layers} layers, {heads} heads, dim {dim}, block {bs}, {dtype})"
     if run_block_bytes != block_bytes:
         return "block size in bytes differs"

@@ -116,17 +116,52 @@ class KVPool:
             out.append((kv[0:1], kv[1:2]))
         return out
 
+    @property
+    def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:
+        """Shape and dtype of one block as `read_blocks` gives it and the lower tiers keep it:
+        `[L, 2, H, block_size, D]` in `spec.dtype` exact; quantised, `[L, 2, H, block_size, W]`
+        uint8 with W = code bytes + scale bytes of one token-head (codes first)."""
+        spec = self.spec
+        lead = (spec.num_layers, 2, spec.num_kv_heads, self.block_size)
+        if self.quantizer is None:
+            return (*lead, spec.head_dim), spec.dtype
+        return (*lead, self.quantizer.code_dim + 2 * self.quantizer.scale_dim), torch.uint8
+
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Blocks `block_ids` as `[n, L, 2, H, block_size, D]` (a fresh copy, on the pool's device):
-        the one layout the host and disk tiers keep, block after block."""
-        return self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
+        the one layout the host and disk tiers keep, block after block. Quantised pools give
+        their stored bits, `[n, L, 2, H, block_size, W]` uint8 (see `stored_block`), so a block
+        written back with `write_blocks` dequantises to exactly what it did before."""
+        idx = self._index(block_ids)
+        if self.quantizer is None:
+            return self.data.index_select(3, idx).permute(3, 0, 1, 2, 4, 5)
+        codes = self.codes.index_select(3, idx).view(torch.uint8)  # [L, 2, H, n, bs, code_dim]
+        scales = self.scales.index_select(3, idx).view(torch.uint8)  # [L, 2, H, n, bs, 2 * scale_dim]
+        return torch.cat((codes, scales), dim=-1).permute(3, 0, 1, 2, 4, 5)
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
-        """Copy `blocks` (`[n, L, 2, H, block_size, D]`, any device) into `block_ids`; one copy."""
+        """Copy `blocks` (`read_blocks`'s layout, any device) into `block_ids`; one copy (two quantised)."""
         if not block_ids:
             return
-        src = blocks.to(self.data.device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D]
-        self.data.index_copy_(3, self._index(block_ids), src)
+        src = blocks.to(self.codes.device if self.quantizer else self.data.device, non_blocking=True)
+        src = src.permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D or W]
+        idx = self._index(block_ids)
+        quant = self.quantizer
+        if quant is None:
+            self.data.index_copy_(3, idx, src)
+            return
+        # Reinterpreting bytes as float16 needs a contiguous last dim: copy the scale bytes out.
+        self.codes.index_copy_(3, idx, src[..., : quant.code_dim].view(quant.code_dtype))
+        self.scales.index_copy_(3, idx, src[..., quant.code_dim :].contiguous().view(torch.float16))
+
+    def encode_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """KV blocks `[n, L, 2, H, block_size, D]` in the model dtype -> `read_blocks`'s layout:
+        unchanged exact, quantised exactly as `write` would store them otherwise."""
+        quant = self.quantizer
+        if quant is None:
+            return blocks
+        codes, scales = quant.quantize(blocks)  # [n, L, 2, H, bs, code_dim], [..., scale_dim]
+        return torch.cat((codes.view(torch.uint8), scales.view(torch.uint8)), dim=-1)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.

@@ -21,6 +21,7 @@ import xxhash
 from .disk_tier import TierWarning
 from .hashing import chain_hashes, namespace_key, pack_tokens
 from .kv_codec import SpecFingerprint, decode_header, encode_header
+from .quant import KVQuantizer
 from .spec import KVSpec
 
 KEY_PREFIX = "rkv1"
@@ -116,7 +117,8 @@ class RedisTier:
 
     Keys: `rkv1:<model>:<spec>:<namespace>:<chain hash>`, where model is an xxh3-128 of the
     caller's model fingerprint (config, dtype, weights), spec names layers, KV heads, head_dim,
-    dtype and block size, namespace is an xxh3-128 of the structured namespace key and the chain
+    dtype (with the kv_dtype of a quantised pool: `float16-int8`) and block size, namespace
+    is an xxh3-128 of the structured namespace key and the chain
     hash is the block's xxh3-64 chain hash. All are content hashes, equal in every process and
     machine (never Python's `hash`). No key needs another in the same slot, so on a Cluster they
     spread over all slots by their CRC16.
@@ -144,16 +146,25 @@ class RedisTier:
     bytes plus one checksum per block, in the writer thread.
     """
 
-    def __init__(self, options: RedisOptions, spec: KVSpec, block_size: int, model_fingerprint: str | bytes) -> None:
+    def __init__(
+        self,
+        options: RedisOptions,
+        spec: KVSpec,
+        block_size: int,
+        model_fingerprint: str | bytes,
+        quantizer: KVQuantizer | None = None,
+    ) -> None:
         if not isinstance(options, RedisOptions):
             raise TypeError(f"options must be RedisOptions, got {type(options).__name__}")
         if not isinstance(model_fingerprint, (str, bytes)) or not model_fingerprint:
             raise ValueError("shared_model must be a non-empty str or bytes identifying the model and its weights")
         self.options = options
-        self.fingerprint = SpecFingerprint.of(spec, block_size)
+        # quantizer: the pool's (None: exact); blocks are then stored as its codes and scales, in
+        # bytes, and the fingerprint names its kv_dtype so exact and quantised runs never meet.
+        self.fingerprint = SpecFingerprint.of(spec, block_size, quantizer)
         self.block_size = block_size
-        self.dtype = spec.dtype
-        self.block_bytes = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.element_size
+        self.dtype = spec.dtype if quantizer is None else torch.uint8
+        self.block_bytes = self.fingerprint.block_bytes(spec.element_size)
         self.model_id = model_id(model_fingerprint)
         self._key_head = shared_key(self.model_id, self.fingerprint, b"", 0).rsplit(":", 2)[0] + ":"
         worst_header = len(encode_header(self.fingerprint, self.block_bytes, b"", 0, [0], [2**63] * block_size, [0]))

@@ -66,6 +66,8 @@ class Tiers:
     sees one ordinary device match. Disk files are read with the cache lock released; threads
     asking for the same disk prefix at once wait for the first one's load instead of repeating
     it. A promotion that does not fit in the pool (locked blocks) stores the prefix that does.
+    Every tier keeps blocks in the pool's stored form (KVPool.read_blocks): a quantised pool's
+    codes and scales move down and back up bit for bit, never re-quantised.
     """
 
     def __init__(
@@ -78,8 +80,13 @@ class Tiers:
         self.cache = cache
         spec, bs = cache.spec, cache.block_size
         pin = torch.device(spec.device).type == "cuda"
-        self.host = HostTier(spec, bs, host_blocks, pin=pin) if host_blocks else None
-        self.disk = DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs) if disk_path is not None else None
+        pool = cache._pool
+        self.host = HostTier(spec, bs, host_blocks, pin=pin, stored_block=pool.stored_block) if host_blocks else None
+        self.disk = (
+            DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs, quantizer=pool.quantizer)
+            if disk_path is not None
+            else None
+        )
         if self.host is not None:
             self.host.spill = self.disk is not None
         self.min_host_tokens = MIN_HOST_LOAD_TOKENS
@@ -162,6 +169,7 @@ class Tiers:
         # per layer (K, V) [1, H, T, D] -> [L, 2, H, n * bs, D] -> [n, L, 2, H, bs, D]
         stacked = torch.stack([torch.stack((k[0, :, start:stop], v[0, :, start:stop])) for k, v in kv])
         blocks = stacked.view(spec.num_layers, 2, spec.num_kv_heads, n, bs, spec.head_dim).permute(3, 0, 1, 2, 4, 5)
+        blocks = self.cache._pool.encode_blocks(blocks)  # what the pool would store: quantised if it is
         root = node
         while root.parent is not None:
             root = root.parent

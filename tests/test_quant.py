@@ -197,11 +197,3 @@ def test_kv_dtype_needs_float_kv_and_int4_an_even_head_dim() -> None:
         PrefixCache(KVSpec(2, 2, 5), capacity_tokens=64, kv_dtype="int4")
     with pytest.raises(ValueError, match="group"):
         KVQuantizer("int8", 64, group=24)
-
-
-def test_kv_dtype_with_a_lower_tier_is_refused_by_name(tmp_path) -> None:
-    """The host / disk tiers copy the exact pool layout: a quantised pool refuses them, naming kv_dtype."""
-    with pytest.raises(ValueError, match="kv_dtype='int8' cannot be combined"):
-        PrefixCache(REAL, capacity_tokens=64, kv_dtype="int8", host_capacity_tokens=64)
-    with pytest.raises(ValueError, match="kv_dtype='int4' cannot be combined"):
-        PrefixCache(REAL, capacity_tokens=64, kv_dtype="int4", disk_path=tmp_path / "kv", disk_capacity_bytes=2**20)

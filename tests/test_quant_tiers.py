@@ -1,0 +1,204 @@
+"""Quantised pools with lower tiers: host, disk and Redis keep the pool's codes and scales, so a
+block's dequantised KV is bit-identical whichever tier it comes back from, and stored KV of one
+kv_dtype is never served to a cache of another."""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from radixkv.benchmarks.redis_server import RedisServer
+
+from radixkv import KVSpec, PrefixCache, RedisOptions
+from radixkv.disk_tier import TierWarning
+from radixkv.kv_codec import FIXED, SpecFingerprint, encode_header
+from radixkv.quant import KVQuantizer
+
+BS = 4
+# head_dim 8: int4 packs it into 4 bytes; float32 so any change of a bit shows.
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+QUANT = ("int8", "int4")
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def random_kv(ids: list[int], seed: int) -> LayerKV:
+    """Random KV of `ids` with an outlier token, different per layer, K and V."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(SPEC.num_layers):
+        k, v = (torch.randn(1, SPEC.num_kv_heads, len(ids), SPEC.head_dim, generator=g) for _ in range(2))
+        k[:, :, 3] *= 30
+        out.append((k, v))
+    return out
+
+
+def cache(kv_dtype: str | None, capacity: int = 32, **tiers: object) -> PrefixCache:
+    c = PrefixCache(SPEC, capacity_tokens=capacity, block_size=BS, eviction="lru", kv_dtype=kv_dtype, **tiers)
+    if c._tiers is not None:
+        c._tiers.min_disk_tokens = BS
+    return c
+
+
+def gathered(c: PrefixCache, ids: list[int]) -> tuple[int, int, int, int, LayerKV]:
+    """(tokens, host, disk, shared tokens, gathered KV) of a match of `ids`."""
+    with c.match(ids) as m:
+        return m.num_tokens, m.host_tokens, m.disk_tokens, m.shared_tokens, c.gather(m)
+
+
+def assert_identical(got: LayerKV, want: LayerKV) -> None:
+    assert len(got) == len(want)
+    for (gk, gv), (wk, wv) in zip(got, want, strict=True):
+        assert gk.dtype == wk.dtype == SPEC.dtype
+        assert torch.equal(gk, wk) and torch.equal(gv, wv), "a block came back with other KV than the pool gave"
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_a_block_evicted_to_host_comes_back_bit_identical(kv_dtype: str) -> None:
+    c = cache(kv_dtype, capacity=32, host_capacity_tokens=64)
+    a, b = list(range(24)), list(range(100, 124))
+    c.insert(a, random_kv(a, 1))
+    n, _, _, _, before = gathered(c, a)
+    assert n == 24
+    c.insert(b, random_kv(b, 2))  # evicts most of a from the 32-token pool
+    n, host, disk, _, after = gathered(c, a)
+    assert n == 24 and host >= 16 and disk == 0
+    assert_identical(after, before)
+    assert c.tier_stats["host"].promoted_tokens >= 16
+    # The host tier holds bytes in the pool's stored width, not the model dtype's.
+    q = KVQuantizer(kv_dtype, SPEC.head_dim)
+    assert c._tiers.host.data.dtype == torch.uint8
+    assert c._tiers.host.data.shape[-1] == q.code_dim + 2 * q.scale_dim
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_a_block_evicted_to_disk_comes_back_bit_identical_also_after_a_restart(kv_dtype: str, tmp_path: Path) -> None:
+    disk = {"disk_path": tmp_path, "disk_capacity_bytes": 1 << 20}
+    c = cache(kv_dtype, capacity=16, **disk)  # no host tier: evictions go straight to disk
+    a, b = list(range(16)), list(range(100, 116))
+    c.insert(a, random_kv(a, 3))
+    _, _, _, _, before = gathered(c, a)
+    c.insert(b, random_kv(b, 4))  # evicts all of a
+    assert c.tier_stats["disk"].demoted_tokens == 16
+    n, host, disk_tok, _, after = gathered(c, a)
+    assert (n, host, disk_tok) == (16, 0, 16)
+    assert_identical(after, before)
+    c.check_invariants()
+    again = cache(kv_dtype, capacity=16, **disk)
+    n, _, disk_tok, _, restarted = gathered(again, b)  # b was demoted when a came back
+    assert (n, disk_tok) == (16, 16)
+    assert_identical(restarted, random_kv_via_pool(kv_dtype, b, 4))
+
+
+def random_kv_via_pool(kv_dtype: str, ids: list[int], seed: int) -> LayerKV:
+    """What a plain quantised pool (no tiers) gives for `ids` inserted with `random_kv(ids, seed)`."""
+    plain = cache(kv_dtype, capacity=64)
+    plain.insert(ids, random_kv(ids, seed))
+    n, _, _, _, kv = gathered(plain, ids)
+    assert n == len(ids)
+    return kv
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_an_insert_that_does_not_fit_stores_below_what_the_pool_would_have(kv_dtype: str) -> None:
+    """Blocks an insert cannot place in the pool go to the host tier quantised exactly as the
+    pool would have quantised them."""
+    c = cache(kv_dtype, capacity=16, host_capacity_tokens=64)
+    ids = list(range(24))
+    c.insert(ids, random_kv(ids, 5))  # 4 blocks fit, 2 go below
+    plain = cache(kv_dtype, capacity=64)
+    plain.insert(ids, random_kv(ids, 5))
+    with plain.match(ids) as m:
+        want = plain._pool.read_blocks(m.block_ids[4:])  # [2, L, 2, H, bs, W] uint8
+        hashes = m.block_hashes[4:]
+    host = c._tiers.host
+    slots = [host._index[h][0].slots[host._index[h][1]] for h in hashes]
+    assert torch.equal(host.data[slots], want)
+    assert c.tier_stats["host"].demoted_tokens == 8
+
+
+@pytest.mark.parametrize(("writer", "reader"), [("int8", None), (None, "int8"), ("int8", "int4"), ("int4", "int8")])
+def test_a_restart_with_another_kv_dtype_gets_counted_misses_not_errors(
+    writer: str | None, reader: str | None, tmp_path: Path
+) -> None:
+    disk = {"disk_path": tmp_path, "disk_capacity_bytes": 1 << 20}
+    c = cache(writer, capacity=16, **disk)
+    a, b = list(range(16)), list(range(100, 116))
+    c.insert(a, random_kv(a, 6))
+    c.insert(b, random_kv(b, 7))
+    assert c.tier_stats["disk"].demoted_tokens == 16
+    with pytest.warns(TierWarning, match="another KV spec"):
+        other = cache(reader, capacity=16, **disk)
+    assert other._tiers.disk.snapshot().files_skipped == 1
+    n, _, disk_tok, _, _ = gathered(other, a)
+    assert (n, disk_tok) == (0, 0)
+    assert (other.stats.lookups, other.stats.hit_tokens) == (1, 0)
+    other.check_invariants()
+
+
+def test_the_stored_dtype_names_the_kv_dtype_and_the_exact_header_is_unchanged() -> None:
+    exact = SpecFingerprint.of(SPEC, BS)
+    int8 = SpecFingerprint.of(SPEC, BS, KVQuantizer("int8", 8))
+    int4 = SpecFingerprint.of(SPEC, BS, KVQuantizer("int4", 8))
+    grouped = SpecFingerprint.of(SPEC, BS, KVQuantizer("int4", 8, group=4))
+    assert exact.tag == "L2-H2-D8-float32-b4"  # as exact caches always wrote it
+    assert (int8.tag, int4.tag, grouped.tag) == ("L2-H2-D8-float32-int8-b4", "L2-H2-D8-float32-int4-b4",
+                                                 "L2-H2-D8-float32-int4g4-b4")  # fmt: skip
+    assert exact.block_bytes(4) == 2 * 2 * 2 * BS * 8 * 4
+    assert int8.block_bytes(4) == 2 * 2 * 2 * BS * (8 + 2)  # codes + one float16 scale
+    assert int4.block_bytes(4) == 2 * 2 * 2 * BS * (4 + 4)  # packed codes + float16 scale and minimum
+    header = encode_header(exact, exact.block_bytes(4), b"ns", 0, [1], list(range(BS)), [2])
+    dlen = struct.unpack_from("<I", header, 24)[0]  # after magic, version, L, H, D, block size
+    assert header[FIXED.size : FIXED.size + dlen] == b"float32"
+
+
+# ----- Redis --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
+
+
+def shared_cache(url: str, kv_dtype: str | None) -> PrefixCache:
+    return cache(kv_dtype, capacity=64, shared=RedisOptions(url, min_tokens=0), shared_model="model-q")
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_a_block_written_to_redis_comes_back_bit_identical_and_only_to_its_kv_dtype(
+    kv_dtype: str, server: RedisServer
+) -> None:
+    base = 3000 + 100 * QUANT.index(kv_dtype)  # each kv_dtype its own ids: the server is shared
+    ids = list(range(base, base + 33))  # 8 blocks + 1 token
+    a = shared_cache(server.url, kv_dtype)
+    others = [shared_cache(server.url, d) for d in (None, *(q for q in QUANT if q != kv_dtype))]
+    b = shared_cache(server.url, kv_dtype)
+    try:
+        a.insert(ids, random_kv(ids, 8))
+        assert a.flush(10)
+        _, _, _, _, before = gathered(a, ids)
+        for o in others:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", TierWarning)  # another key: a plain miss, no value rejected
+                n, _, _, shared, _ = gathered(o, ids)
+            assert (n, shared) == (0, 0), o.kv_dtype
+        n, _, _, shared, after = gathered(b, ids)
+        assert (n, shared) == (32, 32)
+        assert_identical(after, before)
+        b.check_invariants()
+    finally:
+        for c in (a, b, *others):
+            c.close()
+
+
+def test_bad_tier_arguments_still_name_themselves_with_kv_dtype(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="host_capacity_tokens"):
+        cache("int8", host_capacity_tokens=-1)
+    with pytest.raises(ValueError, match="disk_path needs disk_capacity_bytes"):
+        cache("int4", disk_path=tmp_path)
+    with pytest.raises(ValueError, match="shared needs shared_model"):
+        cache("int8", shared="redis://127.0.0.1:1/0")
