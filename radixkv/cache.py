@@ -341,11 +341,10 @@ class PrefixCache:
         ns_key, tenant_key, tenant_name = _keys(namespace, tenant)
         with self._lock:
             self._tree.tenant(tenant_key, tenant_name, ns_key)  # the namespace's owner, for the counters
-        if self._tiers is not None:
-            m = self._tiers.match(ids, packed, ns_key, namespace)
-        else:
-            with self._lock:
+            if self._tiers is None:  # one lock round trip on the common path
                 m = self._match_locked(ids, ns_key, namespace)
+        if self._tiers is not None:  # takes the lock itself, and not across disk reads
+            m = self._tiers.match(ids, packed, ns_key, namespace)
         if self._shared is not None and m.num_tokens < len(ids) // self.block_size * self.block_size:
             # (_extend_from_shared reads self._shared again: close() may have dropped it.)
             try:

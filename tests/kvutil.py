@@ -15,6 +15,15 @@ from radixkv.hashing import namespace_key
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
 
 
+def serve(cache: PrefixCache, ids: list[int]) -> int:
+    """One request as a server makes it: match all but the last token, release, store the prompt;
+    returns the tokens hit."""
+    with cache.match(ids[:-1]) as m:
+        hit = m.num_tokens
+    cache.insert(ids, kv_for(ids))
+    return hit
+
+
 def make_cache(
     capacity_tokens: int = 256, block_size: int = 4, eviction: str = "lru", spec: KVSpec = SPEC
 ) -> PrefixCache:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kvutil import SPEC, kv_for, prefixes_of, random_operations
+from kvutil import SPEC, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import POLICIES, PrefixCache
 from radixkv.adaptive import Adaptive
@@ -16,13 +16,6 @@ BS = 4
 
 def _cache(capacity_blocks: int, eviction: str | Adaptive = "adaptive") -> PrefixCache:
     return PrefixCache(SPEC, capacity_tokens=capacity_blocks * BS, block_size=BS, eviction=eviction)
-
-
-def _serve(cache: PrefixCache, ids: list[int]) -> int:
-    with cache.match(ids[:-1]) as m:
-        hit = m.num_tokens
-    cache.insert(ids, kv_for(ids))
-    return hit
 
 
 def test_adaptive_is_registered_and_starts_as_lru() -> None:
@@ -59,9 +52,9 @@ def test_it_switches_to_the_learned_order_under_floods_and_keeps_the_shared_pref
         rng = random.Random(0)
         for _ in range(600):
             if rng.random() < 0.5:
-                total += _serve(cache, [*hot, nxt, nxt + 1, nxt + 2, nxt + 3])
+                total += serve(cache, [*hot, nxt, nxt + 1, nxt + 2, nxt + 3])
             else:
-                total += _serve(cache, list(range(nxt, nxt + 24 * BS)))  # 24 blocks, used once
+                total += serve(cache, list(range(nxt, nxt + 24 * BS)))  # 24 blocks, used once
             nxt += 24 * BS + 4
         cache.check_invariants()
         hits[eviction] = total

@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvutil import SPEC, cached_prefixes, kv_for, prefixes_of, random_operations
+from kvutil import SPEC, cached_prefixes, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 from radixkv.ghost import EvictedRuns, checkpoints
@@ -19,14 +19,6 @@ BS = 4
 
 def _cache(capacity_blocks: int, eviction: str | ReuseOdds = "reuse") -> PrefixCache:
     return PrefixCache(SPEC, capacity_tokens=capacity_blocks * BS, block_size=BS, eviction=eviction)
-
-
-def _serve(cache: PrefixCache, ids: list[int]) -> int:
-    """One request as a server makes it: match all but the last token, release, store the prompt."""
-    with cache.match(ids[:-1]) as m:
-        hit = m.num_tokens
-    cache.insert(ids, kv_for(ids))
-    return hit
 
 
 class _Fresh:
@@ -91,9 +83,9 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs: dict) -> None:
 def _train_hot_prefix(cache: PrefixCache, hot: list[int], fresh: _Fresh, rounds: int) -> None:
     """A prefix shared by every 4th request, one-off prompts in between (chat-like traffic)."""
     for _ in range(rounds):
-        _serve(cache, hot + fresh(1))
+        serve(cache, hot + fresh(1))
         for _ in range(3):
-            _serve(cache, fresh(3))
+            serve(cache, fresh(3))
 
 
 def test_a_much_reused_prefix_survives_a_flood_of_one_off_prompts_that_flushes_it_under_lru() -> None:
@@ -107,7 +99,7 @@ def test_a_much_reused_prefix_survives_a_flood_of_one_off_prompts_that_flushes_i
         cache, fresh = _cache(40, eviction), _Fresh()
         _train_hot_prefix(cache, hot, fresh, rounds=30)
         for _ in range(16):  # 16 prompts x 6 blocks = 96 blocks: 2.4 caches' worth
-            _serve(cache, fresh(6))
+            serve(cache, fresh(6))
         cache.check_invariants()
         with cache.match(hot) as m:
             survived[eviction] = m.num_tokens
@@ -121,7 +113,7 @@ def test_a_prefix_that_stops_being_used_ages_out() -> None:
     cache, fresh = _cache(40), _Fresh()
     _train_hot_prefix(cache, hot, fresh, rounds=30)
     for _ in range(400):
-        _serve(cache, fresh(6))
+        serve(cache, fresh(6))
     with cache.match(hot) as m:
         assert m.num_tokens == 0
 
@@ -149,7 +141,7 @@ def test_it_learns_that_blocks_used_twice_are_done_when_sessions_last_two_turns(
             pending.append(ids)
         else:
             ids = pending.pop(0)
-        _serve(cache, ids)
+        serve(cache, ids)
     policy = _policy(cache)
     assert policy.offsets[1] > 0 > policy.offsets[2]
 
@@ -206,7 +198,7 @@ def test_the_ghost_never_holds_more_runs_than_its_bound_and_each_entry_is_small(
     policy = ReuseOdds(ghost_entries=8)
     cache, fresh = _cache(16, policy), _Fresh()
     for i in range(300):
-        _serve(cache, fresh(1 + i % 9))
+        serve(cache, fresh(1 + i % 9))
         assert len(policy.ghost) <= 8
     policy.check()
     for entry in policy.ghost._runs.values():
