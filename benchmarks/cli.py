@@ -1,11 +1,15 @@
-"""The `radixkv` command: `demo`, `bench WORKLOAD`, `plan`.
+"""The `radixkv` command: `demo`, `bench WORKLOAD`, `bench trace`, `plan`.
 
-    radixkv demo                          # system-prompt workload, tiny model, every method
+    radixkv demo                          # SmolLM2: assistant, 4-turn chat and RAG, every method
+    radixkv demo --model tiny             # the synthetic system-prompt workload on the tiny preset
     radixkv bench rag --model llama-100m --out results/rag
     radixkv bench trace --out results/trace
     radixkv plan --model llama-2-7b --memory 80GiB --context 4096
 
-Bad arguments exit with status 2 and a message naming the argument.
+Flags become one `BenchSettings` (model benches and the demo) or go to the trace sweep and the
+planner as they are. Bad arguments exit with status 2 and a message naming the argument. The
+single figures of the README have their own entry points: `python -m radixkv.benchmarks.trace`,
+`.figures`, `.shared` and `.generalize`.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from radixkv import DEFAULT_EVICTION, POLICIES
 
-from .loader import MissingDependency
-from .methods import DEFAULT_METHODS, METHODS
-from .presets import PRESETS
+from . import trace
+from .methods import DEFAULT_METHODS, METHODS, BenchSettings
+from .models import PRESETS, MissingDependency
 from .workloads import WORKLOADS
 
 __all__ = ["build_parser", "main"]
@@ -103,15 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params_flags(w, spec.params_cls)
         w.add_argument("--out", type=Path, default=Path("radixkv-results") / name, help="output directory")
     t = wl.add_parser("trace", help="replay the Mooncake trace through the cache alone: hit rate vs capacity")
-    t.add_argument(
-        "--trace", type=Path, default=None, help="JSONL trace (default: shared/traces/ beside the repository)"
-    )
-    t.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    t.add_argument("--capacities", default=None, help="comma-separated capacities in tokens (default: a log sweep)")
-    t.add_argument("--policies", default=None, help="comma-separated eviction policies (default: all)")
-    t.add_argument("--block-size", type=int, default=512, help="cache block size in tokens (default: 512)")
-    t.add_argument("--out", type=Path, default=Path("radixkv-results") / "trace", help="output directory")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    trace.add_sweep_flags(t)
 
     plan = sub.add_parser("plan", help="KV cache memory planner")
     plan.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), config path, or hub id")
@@ -122,14 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--params", type=float, default=None, help="weight count override, e.g. 7e9")
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
-    return names
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -143,56 +130,26 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(1)
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoArgs, run_demo
-
-    _set_threads(args)
-    if args.capacity_tokens is not None and args.capacity_tokens <= 0:
-        raise ValueError(f"--capacity-tokens must be positive, got {args.capacity_tokens}")
-    if args.new_tokens <= 0:
-        raise ValueError(f"--new-tokens must be positive, got {args.new_tokens}")
-    run_demo(
-        DemoArgs(
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            capacity_tokens=args.capacity_tokens,
-            block_size=args.block_size,
-            eviction=args.eviction,
-            seed=args.seed,
-            methods=_methods(args.methods),
-            out=args.out,
-            progress=not args.no_progress,
-            new_tokens=args.new_tokens,
-        )
-    )
-
-
-def _model_bench(args: argparse.Namespace, workload: str, params: Any, out: Path | None) -> None:
-    from .bench import ModelBenchArgs, run_model_bench
-
-    _set_threads(args)
-    run_model_bench(
-        ModelBenchArgs(
-            workload=workload,
-            params=params,
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            capacity_tokens=args.capacity_tokens,
-            block_size=args.block_size,
-            eviction=args.eviction,
-            seed=args.seed,
-            methods=_methods(args.methods),
-            out=out,
-            progress=not args.no_progress,
-        )
+def _settings(args: argparse.Namespace) -> BenchSettings:
+    """The run's one settings object, from the model flags (ValueError naming a bad one)."""
+    return BenchSettings(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        capacity_tokens=args.capacity_tokens,
+        block_size=args.block_size,
+        eviction=args.eviction,
+        seed=args.seed,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        out=args.out,
+        progress=not args.no_progress,
+        **({"new_tokens": args.new_tokens} if args.command == "demo" else {}),
     )
 
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "plan":
-        from .plan_cmd import plan_report
+        from .plan import plan_report
 
         print(
             plan_report(
@@ -206,26 +163,24 @@ def _dispatch(args: argparse.Namespace) -> None:
             )
         )
     elif args.command == "demo":
-        _demo(args)
-    elif args.workload == "trace":
-        from .trace_sweep import run_trace_sweep
+        from .runner import run_demo
 
-        run_trace_sweep(
-            args.trace,
-            out=args.out,
-            block_size=args.block_size,
-            capacities=[int(float(c)) for c in args.capacities.split(",")] if args.capacities else None,
-            policies=args.policies.split(",") if args.policies else None,
-            limit=args.limit,
-            progress=not args.no_progress,
-        )
+        settings = _settings(args)
+        _set_threads(args)
+        run_demo(settings)
+    elif args.workload == "trace":
+        trace.sweep_from_args(args)
     else:
+        from .runner import run_model_bench
+
         spec = WORKLOADS[args.workload]
         if args.smoke:
             params = spec.smoke
         else:
             params = spec.params_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec.params_cls)})
-        _model_bench(args, spec.name, params, args.out)
+        settings = _settings(args)
+        _set_threads(args)
+        run_model_bench(spec.name, params, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 A policy tuned on one trace can lose on traffic it has never seen. This suite generates traces
 of nine families, each with its parameters drawn per seed from wide ranges, and replays them
-through `PrefixCache` alone (no model), the way `benchmarks.trace` replays the production trace:
+through `PrefixCache` alone (no model) with `trace.replay`, as the production trace is replayed:
 per request, match at most len - 1 tokens, release, insert the prompt. Each hash id is one
 block (`BLOCK` tokens: id h expands to `[h * BLOCK, (h + 1) * BLOCK)`), so equal ids at equal
 positions share a prefix and nothing else collides.
@@ -38,10 +38,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
+
+from .trace import TraceRequest, block_chains
+from .trace import replay as replay_trace
 
 __all__ = [
     "CAPACITIES",
@@ -82,6 +86,15 @@ class _Ids:
         return out
 
 
+def _draw_params(rng: random.Random, **ranges: Any) -> dict[str, Any]:
+    """A family's parameters, drawn in the order given: from a list, one of its items; from a pair
+    of ints, `randint` (both ends included); from a pair of floats, `uniform`."""
+    return {
+        k: rng.choice(v) if isinstance(v, list) else rng.randint(*v) if isinstance(v[0], int) else rng.uniform(*v)
+        for k, v in ranges.items()
+    }
+
+
 def _zipf_cum(n: int, a: float) -> list[float]:
     """Cumulative weights of ranks 1..n under Zipf exponent `a` (for `random.choices`)."""
     cum, s = [], 0.0
@@ -100,13 +113,15 @@ def _zipf(rng: random.Random, cum: list[float]) -> int:
 
 
 def _chat(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "system_prompts": rng.choice([1, 2, 4, 8]),
-        "system_blocks": rng.randint(2, 32),
-        "turns_zipf": rng.uniform(1.2, 2.5),
-        "think": rng.choice([2.0, 10.0, 50.0, 200.0]),  # mean requests between a session's turns
-        "answer_blocks": rng.randint(2, 16),
-    }
+    # think: mean requests between a session's turns
+    p = _draw_params(
+        rng,
+        system_prompts=[1, 2, 4, 8],
+        system_blocks=(2, 32),
+        turns_zipf=(1.2, 2.5),
+        think=[2.0, 10.0, 50.0, 200.0],
+        answer_blocks=(2, 16),
+    )
     systems = [ids(p["system_blocks"]) for _ in range(p["system_prompts"])]
     turns_cum = _zipf_cum(64, p["turns_zipf"])
     events: list[tuple[float, int, tuple[int, ...]]] = []
@@ -126,14 +141,15 @@ def _chat(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
 
 
 def _rag(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "documents": rng.choice([50, 200, 1000]),
-        "doc_blocks": rng.randint(4, 24),
-        "zipf": rng.uniform(0.6, 1.4),
-        "k": rng.randint(1, 5),
-        "p_sorted": rng.choice([0.0, 0.5, 1.0]),
-        "system_blocks": rng.randint(1, 8),
-    }
+    p = _draw_params(
+        rng,
+        documents=[50, 200, 1000],
+        doc_blocks=(4, 24),
+        zipf=(0.6, 1.4),
+        k=(1, 5),
+        p_sorted=[0.0, 0.5, 1.0],
+        system_blocks=(1, 8),
+    )
     system = ids(p["system_blocks"])
     docs = [ids(rng.randint(max(1, p["doc_blocks"] // 2), p["doc_blocks"] * 2)) for _ in range(p["documents"])]
     cum = _zipf_cum(p["documents"], p["zipf"])
@@ -150,19 +166,14 @@ def _rag(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
 
 
 def _agents(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {"prompts": rng.choice([100, 500, 2000]), "prompt_blocks": rng.randint(8, 64), "zipf": rng.uniform(0.5, 1.3)}
+    p = _draw_params(rng, prompts=[100, 500, 2000], prompt_blocks=(8, 64), zipf=(0.5, 1.3))
     prompts = [ids(rng.randint(p["prompt_blocks"] // 2, p["prompt_blocks"])) for _ in range(p["prompts"])]
     cum = _zipf_cum(p["prompts"], p["zipf"])
     return p, [(None, prompts[_zipf(rng, cum)] + ids(rng.randint(1, 8))) for _ in range(n)]
 
 
 def _tool_loops(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "concurrent": rng.choice([4, 16, 64]),
-        "mean_steps": rng.uniform(3.0, 20.0),
-        "output_blocks": rng.randint(1, 16),
-        "system_prompts": rng.choice([1, 4]),
-    }
+    p = _draw_params(rng, concurrent=[4, 16, 64], mean_steps=(3.0, 20.0), output_blocks=(1, 16), system_prompts=[1, 4])
     systems = [ids(rng.randint(4, 32)) for _ in range(p["system_prompts"])]
 
     def new_loop() -> list:
@@ -181,14 +192,15 @@ def _tool_loops(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Reque
 
 
 def _scan(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "hot": rng.choice([20, 100, 400]),
-        "hot_blocks": rng.randint(8, 32),
-        "zipf": rng.uniform(0.7, 1.2),
-        "p_flood": rng.uniform(0.05, 0.5),
-        "p_scan": rng.choice([0.0, 0.1, 0.3]),
-        "scan_prompts": rng.choice([200, 1000]),
-    }
+    p = _draw_params(
+        rng,
+        hot=[20, 100, 400],
+        hot_blocks=(8, 32),
+        zipf=(0.7, 1.2),
+        p_flood=(0.05, 0.5),
+        p_scan=[0.0, 0.1, 0.3],
+        scan_prompts=[200, 1000],
+    )
     hot = [ids(rng.randint(p["hot_blocks"] // 2, p["hot_blocks"])) for _ in range(p["hot"])]
     scan = [ids(rng.randint(8, 32)) for _ in range(p["scan_prompts"])]
     cum = _zipf_cum(p["hot"], p["zipf"])
@@ -207,12 +219,7 @@ def _scan(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
 
 
 def _shifting(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "prefixes": rng.choice([50, 300, 1000]),
-        "prefix_blocks": rng.randint(4, 32),
-        "zipf": rng.uniform(0.8, 1.4),
-        "phase": rng.choice([100, 400, 1500]),
-    }
+    p = _draw_params(rng, prefixes=[50, 300, 1000], prefix_blocks=(4, 32), zipf=(0.8, 1.4), phase=[100, 400, 1500])
     prefixes = [ids(rng.randint(p["prefix_blocks"] // 2, p["prefix_blocks"])) for _ in range(p["prefixes"])]
     cum = _zipf_cum(p["prefixes"], p["zipf"])
     order = list(range(p["prefixes"]))
@@ -225,12 +232,10 @@ def _shifting(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request
 
 
 def _bursts(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "mean_burst": rng.uniform(2.0, 30.0),
-        "window": rng.choice([10.0, 50.0, 200.0]),  # requests a burst spans
-        "prefix_blocks": rng.randint(8, 64),
-        "p_background": rng.uniform(0.0, 0.4),
-    }
+    # window: requests a burst spans
+    p = _draw_params(
+        rng, mean_burst=(2.0, 30.0), window=[10.0, 50.0, 200.0], prefix_blocks=(8, 64), p_background=(0.0, 0.4)
+    )
     events: list[tuple[float, tuple[int, ...]]] = []
     t = 0.0
     while len(events) < n:
@@ -245,13 +250,14 @@ def _bursts(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]
 
 
 def _longdoc(rng: random.Random, n: int, ids: _Ids) -> tuple[dict, list[Request]]:
-    p = {
-        "roots": rng.choice([200, 1000, 3000]),
-        "root_zipf": rng.uniform(0.3, 1.1),
-        "root_blocks": rng.randint(2, 16),
-        "doc_blocks": rng.randint(32, 192),
-        "p_continue": rng.uniform(0.05, 0.4),
-    }
+    p = _draw_params(
+        rng,
+        roots=[200, 1000, 3000],
+        root_zipf=(0.3, 1.1),
+        root_blocks=(2, 16),
+        doc_blocks=(32, 192),
+        p_continue=(0.05, 0.4),
+    )
     roots = [ids(rng.randint(1, p["root_blocks"])) for _ in range(p["roots"])]
     cum = _zipf_cum(p["roots"], p["root_zipf"])
     recent: list[tuple[int, ...]] = []
@@ -309,33 +315,21 @@ def generate(family: str, seed: int, requests: int) -> Trace:
     return Trace(family, seed, params, reqs)
 
 
+def _as_trace(trace: Trace) -> list[TraceRequest]:
+    return [TraceRequest(i, len(h) * BLOCK, 0, h, ns, BLOCK) for i, (ns, h) in enumerate(trace.requests)]
+
+
 def working_set_blocks(trace: Trace) -> int:
     """Distinct blocks the trace stores: what an unlimited cache would hold at the end."""
-    seen: set[tuple[object, int, int]] = set()
-    nodes: dict[tuple[object, int, int], int] = {}
-    for ns, hashes in trace.requests:
-        parent = 0
-        for h in hashes:
-            key = (ns, parent, h)
-            parent = nodes.setdefault(key, len(nodes) + 1)
-            seen.add(key)
-    return len(seen)
+    chains, _ = block_chains(_as_trace(trace), BLOCK)
+    return len({b for chain in chains for b in chain})
 
 
 def replay(trace: Trace, capacity_blocks: int, eviction: str) -> tuple[int, int]:
     """(hit tokens, prompt tokens) of `trace` through a PrefixCache of `capacity_blocks` blocks."""
     cache = PrefixCache(SPEC, capacity_tokens=capacity_blocks * BLOCK, block_size=BLOCK, eviction=eviction)
-    longest = max((len(h) for _, h in trace.requests), default=1) * BLOCK
-    source = torch.zeros(1, SPEC.num_kv_heads, longest, SPEC.head_dim, dtype=SPEC.dtype)
-    hits = total = 0
-    for ns, hashes in trace.requests:
-        ids = [t for h in hashes for t in range(h * BLOCK, (h + 1) * BLOCK)]
-        with cache.match(ids[:-1], namespace=ns) as m:
-            hits += m.num_tokens
-        kv = source[:, :, : len(ids)]
-        cache.insert(ids, [(kv, kv)], namespace=ns)
-        total += len(ids)
-    return hits, total
+    result = replay_trace(cache, _as_trace(trace))
+    return result.hit_tokens, result.prompt_tokens
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,545 @@
-"""The methods compared in one bench run, in table order.
+"""The methods a bench compares, the settings of a run, and the loop that serves a workload.
 
-Sequential methods (`make(model, workload, settings) -> SequentialMethod`) serve one request
-at a time and are run interleaved; batch methods (`make(...) -> MethodRun`) run the whole
-workload alone. Either raises `NotApplicable` when the method does not apply. `generate` comes
-first: it is the reference for the token comparison.
+A method serves a whole `Workload` on one model and yields a `MethodRun`: the tokens it
+generated for every request (to compare methods), timing, and how many prompt tokens it read
+from a cache instead of computing them. Sequential methods (`make(model, workload, settings) ->
+SequentialMethod`) serve one request at a time and are run together, interleaved request by
+request, by `run_interleaved`; batch methods (`make(...) -> MethodRun`) run the workload alone.
+A method that does not apply raises `NotApplicable` with the reason; the table shows the reason
+instead of numbers. `METHODS` lists them in table order; `generate` comes first: it is the
+reference for the token comparison.
+
+- `generate`: plain `model.generate`, one request at a time, no reuse (the baseline).
+- `prompt-reuse`: transformers' documented recipe for one known prefix.
+  The recipe (transformers docs, "prefill a cache"): compute a `DynamicCache` for a prefix known
+  in advance once, then give every request a `copy.deepcopy` of it. Here the known prefix of
+  each conversation is the workload's `known_prefix` (the system prompt or instruction header);
+  it is computed lazily when the first request that needs it arrives, inside that request's
+  timing, and each distinct prefix is kept for the rest of the run. Nothing else is reused: a
+  later round's history is recomputed past the known prefix.
+- `radixkv`, `radixkv-reuse-generated`: the model
+  wrapped by `radixkv.wrap`, one request at a time. They differ only in half precision, where the
+  default stores prompts only and the other also stores each answer's decode-step KV.
+  Same loop and TTFT streamer as plain `generate`; the prompt tokens read from the prefix cache
+  come from the adapter's statistics (`stats.reused_tokens`, or the cache's `stats.hit_tokens`)
+  before and after each request.
+- `continuous-batching`: transformers' `model.generate_batch` with block sharing.
+  Each round of the workload is one `generate_batch` call holding every conversation's request
+  of that round (all submitted at once, then scheduled by transformers); the manager persists
+  across rounds so cached blocks can serve the next round. Its paged cache (pages of `block_size`
+  tokens, `allow_block_sharing=True`: chained block hashes, every cached block dropped at once
+  under memory pressure) gets radixkv's `capacity_tokens` plus room for all the requests of a
+  round in flight, since its one pool holds both.
+  Measurements: TTFT is a request's first-token timestamp minus its submission time (so it
+  includes queueing behind the rest of the batch); total time is the wall time of the
+  `generate_batch` calls. Prefix hits are counted by wrapping the cache's
+  `search_prefix_match` (transformers internals: if that method is gone, hits read as 0 and the
+  run notes it).
+
+TTFT of the sequential methods comes from a streamer (`FirstTokenTimer`): `generate` calls
+``streamer.put`` once with the prompt, then once per generated token, so the second `put` marks
+the first generated token. TTFT = that moment minus the call's start, which includes any prefix
+lookup, KV gather and prefill the method does for the request (batch size 1 only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter, process_time
+from typing import Any, Literal
 
-from .method_base import BenchSettings, MethodRun, NotApplicable, SequentialMethod
-from .method_continuous_batching import run_continuous_batching
-from .method_generate import make_generate
-from .method_prompt_reuse import make_prompt_reuse
-from .method_radixkv import make_radixkv, make_radixkv_reuse_generated
+import torch
+from radixkv.integrations.hf import CACHE_KWARG
+from tqdm.auto import tqdm
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
+
+from radixkv import DEFAULT_EVICTION
+
+from .workloads import Request, Tokens, Workload
 
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
     "BenchSettings",
+    "FirstTokenTimer",
     "MethodRun",
     "MethodSpec",
     "NotApplicable",
+    "RequestResult",
     "SequentialMethod",
+    "generate_streamed",
+    "greedy_config",
+    "run_interleaved",
 ]
+
+
+class FirstTokenTimer(BaseStreamer):
+    """A streamer that records when the first generated token arrives.
+
+    Create it right before the generate call (the start time is taken at construction), pass
+    it as `streamer=`, then read `ttft_s` (None if no token was generated).
+    """
+
+    def __init__(self) -> None:
+        self.start = perf_counter()
+        self.first_token_at: float | None = None
+        self._puts = 0
+
+    def put(self, value: object) -> None:
+        """Called by generate: first with the prompt, then with each new token."""
+        self._puts += 1
+        if self._puts == 2 and self.first_token_at is None:
+            self.first_token_at = perf_counter()
+
+    def end(self) -> None:
+        """Called by generate when it finishes; nothing to do."""
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from construction to the first generated token."""
+        return None if self.first_token_at is None else self.first_token_at - self.start
+
+
+class NotApplicable(Exception):
+    """The method does not apply to this workload or model; the message says why."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything one `radixkv bench` / `radixkv demo` run was asked for: the command line fills
+    it from flags, the methods read the cache fields, results.json records the cache fields.
+
+    `capacity_tokens` None (the demo's default) means 8,192 on a chat model, 32,768 on a preset
+    (`with_capacity` settles it). `new_tokens` is the demo's answer length (the bench workloads
+    carry their own). Raises ValueError naming the flag for a non-positive size or an unknown method.
+    """
+
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    capacity_tokens: int | None = 32768
+    block_size: int = 16
+    eviction: str = DEFAULT_EVICTION
+    seed: int = 0
+    methods: tuple[str, ...] = field(default_factory=lambda: DEFAULT_METHODS)
+    out: Path | None = None
+    progress: bool = True
+    new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        for flag, value in (("capacity-tokens", self.capacity_tokens), ("block-size", self.block_size),
+                            ("new-tokens", self.new_tokens)):  # fmt: skip
+            if value is not None and value <= 0:
+                raise ValueError(f"--{flag} must be positive, got {value}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
+
+    def with_capacity(self, default: int) -> BenchSettings:
+        """These settings with `capacity_tokens` set to `default` when it was left None."""
+        return self if self.capacity_tokens is not None else dataclasses.replace(self, capacity_tokens=default)
+
+    def cache_fields(self) -> dict[str, Any]:
+        """What results.json records under "settings"."""
+        return {"capacity_tokens": self.capacity_tokens, "block_size": self.block_size, "eviction": self.eviction,
+                "progress": self.progress}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One request as a method served it.
+
+    `cached_tokens`: prompt tokens read from a cache; `computed_tokens`: prompt tokens the
+    model ran for this request, including a prefix it precomputed on this request's behalf.
+    """
+
+    key: str
+    prompt: Tokens
+    generated: Tokens
+    ttft_s: float
+    cached_tokens: int
+    computed_tokens: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass
+class MethodRun:
+    """Everything measured for one method on one workload."""
+
+    name: str
+    requests: list[RequestResult]
+    total_s: float
+    ttft_note: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.requests)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(r.generated) for r in self.requests)
+
+    @property
+    def hit_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.requests)
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens read from a cache / prompt tokens."""
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def prefill_saved(self) -> int:
+        """Prompt tokens not computed (prompt tokens - computed tokens, precomputed prefixes included)."""
+        return self.prompt_tokens - sum(r.computed_tokens for r in self.requests)
+
+    @property
+    def ttft_mean_s(self) -> float:
+        return statistics.fmean(r.ttft_s for r in self.requests)
+
+    @property
+    def ttft_p50_s(self) -> float:
+        return statistics.median(r.ttft_s for r in self.requests)
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second of total time."""
+        return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def outputs(self) -> dict[str, Tokens]:
+        return {r.key: r.generated for r in self.requests}
+
+
+def greedy_config(max_new_tokens: int, stop_token_id: int | None = None) -> GenerationConfig:
+    """A fresh greedy config generating `max_new_tokens`, or fewer when `stop_token_id` comes
+    (None: no stop, exactly `max_new_tokens`); pad id 0.
+
+    Fresh per call because some callers (continuous batching) mutate the config they get.
+    """
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_id, pad_token_id=0)
+
+
+def generate_streamed(
+    generate: Callable[..., Any],
+    prompt: Tokens,
+    device: Any,
+    max_new_tokens: int,
+    timer: FirstTokenTimer | None = None,
+    stop_token_id: int | None = None,
+    **extra: Any,
+) -> tuple[Tokens, float]:
+    """One greedy request of batch 1 through `generate` (a model's or a wrapper's), TTFT from a
+    streamer: (generated tokens, seconds from `timer`'s creation, now when None, to the first).
+    Generation stops early at `stop_token_id` (included) when given."""
+    timer = timer or FirstTokenTimer()
+    ids = torch.tensor([list(prompt)], device=device)  # [1, T]
+    out = generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=greedy_config(max_new_tokens, stop_token_id),
+        streamer=timer,
+        **extra,
+    )
+    return tuple(out[0, ids.shape[1] :].tolist()), timer.ttft_s or 0.0
+
+
+@dataclass
+class SequentialMethod:
+    """A method that serves one request at a time: `serve(request)` generates for one request.
+
+    `finish()` (optional) returns extra figures for results.json once every request is served.
+    """
+
+    name: str
+    serve: Callable[[Request], RequestResult]
+    ttft_note: str
+    finish: Callable[[], dict[str, Any]] | None = None
+
+
+@dataclass
+class _Progress:
+    method: SequentialMethod
+    history: dict[str, Tokens] = field(default_factory=dict)
+    results: list[RequestResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    error: BaseException | None = None
+
+
+def run_interleaved(
+    methods: list[SequentialMethod], workload: Workload, *, progress: bool
+) -> list[MethodRun | BaseException]:
+    """Serve the workload with every method, interleaved request by request, round-major.
+
+    Request i goes to method A, then B, then C, before request i+1: all methods share the
+    machine's noise (other processes, frequency changes) instead of one method getting a quiet
+    minute and another a busy one. Each method threads its own answers into its conversations'
+    history. A method's total time is the sum of its own `serve` wall times (its CPU time is
+    recorded too). A method whose `serve` raises stops there; its slot in the returned list (same
+    order as `methods`) holds the exception, the others go on. KeyboardInterrupt propagates.
+    """
+    states = [_Progress(m) for m in methods]
+    bar = tqdm(
+        total=workload.num_requests * len(methods),
+        desc=", ".join(m.name for m in methods),
+        unit="req",
+        disable=not progress,
+        leave=False,
+    )
+    for r in range(workload.num_rounds):
+        queues = [workload.round_requests(r, st.history) if st.error is None else [] for st in states]
+        for i in range(max(map(len, queues), default=0)):
+            for st, queue in zip(states, queues, strict=True):
+                if st.error is not None or i >= len(queue):
+                    continue
+                req = queue[i]
+                cpu, wall = process_time(), perf_counter()
+                try:
+                    res = st.method.serve(req)
+                except Exception as exc:
+                    st.error = exc
+                    continue
+                finally:
+                    st.wall_s += perf_counter() - wall
+                    st.cpu_s += process_time() - cpu
+                st.results.append(res)
+                st.history[req.conversation_id] = req.prompt + res.generated
+                bar.update(1)
+    bar.close()
+    out: list[MethodRun | BaseException] = []
+    for st in states:
+        if st.error is not None:
+            out.append(st.error)
+            continue
+        run = MethodRun(st.method.name, st.results, st.wall_s, st.method.ttft_note)
+        run.extra["cpu_s"] = st.cpu_s
+        if st.method.finish is not None:
+            try:
+                run.extra.update(st.method.finish())
+            except Exception as exc:
+                out.append(exc)
+                continue
+        out.append(run)
+    return out
+
+
+# ----- the methods ---------------------------------------------------------------------------------
+
+
+def make_generate(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> SequentialMethod:
+    """Every prompt computed in full; TTFT from a streamer."""
+
+    def serve(req: Request) -> RequestResult:
+        generated, ttft = generate_streamed(
+            model.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
+        )
+        return RequestResult(req.key, req.prompt, generated, ttft, 0, len(req.prompt))
+
+    return SequentialMethod("generate", serve, ttft_note="streamer, per request")
+
+
+def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> SequentialMethod:
+    """Deep-copy a precomputed prefix cache per request; NotApplicable without a known prefix."""
+    prefixes = {c.id: c.known_prefix for c in workload.conversations}
+    if any(p is None for p in prefixes.values()):
+        raise NotApplicable("the workload has no known prefix to precompute")
+    if model.config.is_encoder_decoder:
+        raise NotApplicable("encoder-decoder model")
+    stored: dict[Tokens, DynamicCache] = {}
+
+    def serve(req: Request) -> RequestResult:
+        prefix = prefixes[req.conversation_id]
+        assert prefix is not None
+        timer = FirstTokenTimer()
+        computed = len(req.prompt) - len(prefix)
+        if prefix not in stored:
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(torch.tensor([prefix], device=model.device), use_cache=True, **{CACHE_KWARG: cache})
+            stored[prefix] = cache
+            computed += len(prefix)
+        generated, ttft = generate_streamed(
+            model.generate,
+            req.prompt,
+            model.device,
+            workload.max_new_tokens,
+            timer,  # started before the prefix was computed: its first request's TTFT includes that
+            stop_token_id=workload.stop_token_id,
+            **{CACHE_KWARG: copy.deepcopy(stored[prefix])},
+        )
+        return RequestResult(req.key, req.prompt, generated, ttft, len(prefix), computed)
+
+    return SequentialMethod(
+        "prompt-reuse",
+        serve,
+        ttft_note="streamer, per request (first request of a prefix includes computing it)",
+        finish=lambda: {"prefixes_precomputed": len(stored)},
+    )
+
+
+def make_radixkv_reuse_generated(
+    model: PreTrainedModel, workload: Workload, settings: BenchSettings
+) -> SequentialMethod:
+    """`make_radixkv` with `reuse_generated=True`."""
+    return make_radixkv(model, workload, settings, reuse_generated=True, name="radixkv-reuse-generated")
+
+
+def make_radixkv(
+    model: PreTrainedModel,
+    workload: Workload,
+    settings: BenchSettings,
+    *,
+    reuse_generated: bool | None = None,
+    name: str = "radixkv",
+) -> SequentialMethod:
+    """Serve the workload through `radixkv.wrap(model, ...)`; NotApplicable if it is not installed."""
+    try:
+        import radixkv
+
+        wrapped = radixkv.wrap(
+            model,
+            capacity_tokens=settings.capacity_tokens,
+            block_size=settings.block_size,
+            eviction=settings.eviction,
+            reuse_generated=reuse_generated,
+        )
+    except (ImportError, AttributeError) as exc:
+        raise NotApplicable(f"radixkv.wrap is not available ({exc})") from exc
+    cache = wrapped.cache
+
+    def reused() -> int:
+        # The adapter's own count of prompt tokens whose prefill it skipped, where it has one;
+        # else the cache's matched tokens (the same thing for one row per call).
+        stats = getattr(wrapped, "stats", None)
+        return stats.reused_tokens if hasattr(stats, "reused_tokens") else cache.stats.hit_tokens
+
+    def serve(req: Request) -> RequestResult:
+        hits_before = reused()
+        generated, ttft = generate_streamed(
+            wrapped.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
+        )
+        cached = reused() - hits_before
+        return RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
+
+    def finish() -> dict[str, Any]:
+        cache.check_invariants()
+        stats = cache.stats
+        return {
+            "cache_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {"repr": repr(stats)},
+            "reuse_generated": wrapped.reuse_generated,
+        }
+
+    return SequentialMethod(name, serve, ttft_note="streamer, per request", finish=finish)
+
+
+@contextlib.contextmanager
+def _count_prefix_hits(hits: dict[str, int]) -> Iterator[bool]:
+    """Record `search_prefix_match`'s result per request id into `hits` while active.
+
+    Yields False (and counts nothing) when the transformers internals are not where expected.
+    The last search of a request wins: a request sent back to pending searches again.
+    """
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError:
+        yield False
+        return
+    original = getattr(PagedAttentionCache, "search_prefix_match", None)
+    if original is None:
+        yield False
+        return
+
+    def counting(self: Any, request_id: str, prompt_ids: list[int]) -> int:
+        matched = original(self, request_id, prompt_ids)
+        hits[request_id] = matched
+        return matched
+
+    PagedAttentionCache.search_prefix_match = counting  # type: ignore[method-assign]
+    try:
+        yield True
+    finally:
+        PagedAttentionCache.search_prefix_match = original  # type: ignore[method-assign]
+
+
+def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> MethodRun:
+    """Run the workload round by round through `generate_batch`; raises on failed requests."""
+    if not hasattr(model, "generate_batch"):
+        raise NotApplicable("this transformers version has no model.generate_batch")
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    # Its pool holds the requests in flight as well as the cached blocks; the sequential methods
+    # keep in-flight KV outside the cache. So: the cache budget + room for a whole round in flight
+    # (bounded by every conversation's turns and answers).
+    in_flight = sum(sum(map(len, c.turns)) + len(c.turns) * workload.max_new_tokens for c in workload.conversations)
+    num_pages = math.ceil((settings.capacity_tokens + in_flight) / settings.block_size)
+    longest = max(len(c.turns[0]) for c in workload.conversations)
+    cb_config = ContinuousBatchingConfig(
+        page_size=settings.block_size,
+        num_blocks=num_pages,
+        max_batch_tokens=max(512, min(longest, 4096)),
+        allow_block_sharing=True,
+    )
+    history: dict[str, Tokens] = {}
+    results: list[RequestResult] = []
+    hits: dict[str, int] = {}
+    total = 0.0
+    cb_logger = logging.getLogger("ContinuousBatchingLogger")
+    level = cb_logger.level
+    cb_logger.setLevel(logging.ERROR)  # it warns about the disabled EOS on every call
+    try:
+        with _count_prefix_hits(hits) as counted:
+            for r in range(workload.num_rounds):
+                requests = workload.round_requests(r, history)
+                start = perf_counter()
+                outputs = model.generate_batch(
+                    [list(q.prompt) for q in requests],
+                    generation_config=greedy_config(workload.max_new_tokens, workload.stop_token_id),
+                    continuous_batching_config=cb_config,
+                    record_timestamps=True,
+                    progress_bar=settings.progress,
+                    persistent_manager=True,
+                    warmup=False,
+                )
+                total += perf_counter() - start
+                if len(outputs) != len(requests):
+                    raise RuntimeError(f"generate_batch returned {len(outputs)} of {len(requests)} results")
+                for req, (req_id, out) in zip(requests, outputs.items(), strict=True):
+                    if out.error is not None:
+                        raise RuntimeError(f"generate_batch request {req_id} failed: {out.error}")
+                    ttft = out.timestamps[0] - out.created_time if out.timestamps else float("nan")
+                    cached = hits.get(req_id, 0)
+                    generated = tuple(out.generated_tokens)
+                    results.append(
+                        RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
+                    )
+                    history[req.conversation_id] = req.prompt + generated
+    finally:
+        cb_logger.setLevel(level)
+        destroy = getattr(model, "destroy_cached_continuous_batching_manager", None)
+        if destroy is not None:
+            destroy()
+    run = MethodRun(
+        name="continuous-batching",
+        requests=results,
+        total_s=total,
+        ttft_note="first-token timestamp - submission, whole round submitted at once",
+    )
+    run.extra.update(page_size=settings.block_size, num_blocks=num_pages, hits_counted=counted)
+    return run
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,118 @@
-"""Replay the production conversation trace through PrefixCache alone (no model).
+"""The production conversation trace replayed through `PrefixCache` alone (no model).
 
-Each trace request lists one hash id per 512-token block of its prompt. Hash id `h` expands
-to the token ids `[h * 512, (h + 1) * 512)`, so equal ids give equal tokens and different ids
-never collide; the prompt is cut to `input_length`. Per request: match the prompt (at most
-len - 1 tokens, as a server must compute the last one), release, insert the prompt's KV.
+Each trace request lists one hash id per 512-token block of its prompt. Hash id `h` expands to
+the token ids `[h * 512, (h + 1) * 512)`, so equal ids give equal tokens and different ids never
+collide; the prompt is cut to `input_length`. Per request, `replay` matches the prompt (at most
+len - 1 tokens, as a server must compute the last one), releases, and inserts the prompt's KV.
 
-    python -m radixkv.benchmarks.trace --capacity-tokens 2560000 --eviction lru
+The bounds work on hash ids alone, never expanding tokens (`block_chains`): block b of a prompt
+is (its parent block, the hash id of its trace block, its index inside it), so equal ids mean
+equal prefixes. `unlimited_hit_tokens` is an unlimited cache fed prompts only;
+`optimum_hit_tokens` the offline optimum: evict the block whose next use is farthest ahead
+(Belady). A parent is used whenever its child is, so a parent's next use is never later than
+its child's; breaking ties deepest first, the farthest block is always a leaf, so this is also
+the best leaf-only eviction and the cache stays prefix-closed. The blocks of the request being
+stored are locked, as in `PrefixCache`. `bypass=True` may also decline to store a block whose
+next use is later than every cached block's, which an insert that always stores cannot do: a
+slightly higher bound. Neither is proved optimal for prefix-weighted token hits, but no eviction
+policy in the cache has come near them. Cost: O(blocks x log blocks) time, O(blocks) memory; the
+full trace (288,500 blocks of 512 tokens, 9 million of 16) takes ~1 s per capacity at 512-token
+blocks; at 16-token blocks ~20 s to prepare, then ~30 s per capacity, in ~1.4 GB.
+
+Figures (full trace, 16-token blocks; 512-token blocks within 0.001):
+
+    capacity (tokens)   500,000   1,000,000   2,560,000   5,000,000   10,000,000
+    optimum              0.1803      0.2517      0.3464      0.3736       0.3736
+    optimum, bypass      0.1924      0.2577      0.3480      0.3736       0.3736
+
+Commands (every one takes --trace, --limit and --block-size, 512 by default: the trace's own
+granularity, where the reference figures of shared/traces/README.md apply: unlimited 0.3736, LRU
+about 0.11 at 2,560,000 tokens and about 0.29 at 10,240,000):
+
+    radixkv bench trace --out DIR          # hit rate vs capacity per policy, the optimum, the bound
+    python -m radixkv.benchmarks.trace replay --capacity-tokens 2560000 --eviction lru
+    python -m radixkv.benchmarks.trace optimum --capacity-tokens 2560000 --bypass
+    python -m radixkv.benchmarks.trace quant --limit 2000    # float16 vs int8 vs int4 at one byte budget
+
+`replay` replays one cache, lower tiers optional (`--host-capacity-tokens`, `--disk-path`).
+`quant` gives each kv_dtype the byte budget of 2,560,000 float16 tokens of one layer and one KV
+head of head_dim 64 (SmolLM2's head: the token ratios depend only on head_dim); quantised
+blocks fit more tokens into it, scales included. The sweep costs one replay per (policy,
+capacity), each O(prompt tokens) (~2 M tokens/s here: ~75 s for the full trace), so the default
+sweep of the full trace takes tens of minutes on 2 cores; use --limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
+
+from .report import plot_hit_rate_curves
+
+__all__ = [
+    "DEFAULT_CAPACITIES",
+    "TINY_SPEC",
+    "TRACE_BLOCK",
+    "OptimumResult",
+    "ReplayResult",
+    "TraceRequest",
+    "add_sweep_flags",
+    "block_chains",
+    "find_trace",
+    "format_trace_table",
+    "load_trace",
+    "main",
+    "optimum_hit_tokens",
+    "replay",
+    "run_trace_sweep",
+    "unlimited_hit_tokens",
+]
 
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
 TRACE_BLOCK = 512
 # The trace benchmark's spec: 1 layer, 1 KV head, head_dim 8, float16 (32 bytes/token).
 TINY_SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16, device="cpu")
+# `quant`'s spec: SmolLM2's head (the int8 / int4 scales' share depends on head_dim).
+QUANT_SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=64, dtype=torch.float16, device="cpu")
+FLOAT16_TOKENS = 2_560_000
+OPTIMUM = "offline optimum"
+DEFAULT_CAPACITIES = (500_000, 1_000_000, 2_560_000, 5_000_000, 10_000_000)
+# `priority` equals its tie-break here (the trace has no priorities); the default policy is always shown beside LRU.
+DEFAULT_POLICIES = tuple(dict.fromkeys(("lru", DEFAULT_EVICTION, "fifo", "lfu", "reuse")))
+NEVER = math.inf
 
 
 @dataclass(frozen=True)
 class TraceRequest:
+    """One request: its prompt as hash ids of `block`-token blocks, cut to `input_length` tokens.
+
+    `namespace` (None for the production trace) keeps generated traces' tenants apart."""
+
     timestamp: int
     input_length: int
     output_length: int
     hash_ids: tuple[int, ...]
+    namespace: Hashable = None
+    block: int = TRACE_BLOCK
 
     def prompt(self) -> list[int]:
-        """The prompt's token ids: each hash id expanded to its 512 tokens, cut to input_length."""
+        """The prompt's token ids: each hash id expanded to its `block` tokens, cut to input_length."""
         ids: list[int] = []
         for h in self.hash_ids:
-            ids += range(h * TRACE_BLOCK, (h + 1) * TRACE_BLOCK)
+            ids += range(h * self.block, (h + 1) * self.block)
             if len(ids) >= self.input_length:
                 break
         return ids[: self.input_length]
@@ -77,8 +151,12 @@ def find_trace(start: Path | None = None) -> Path:
     raise FileNotFoundError(f"{TRACE_NAME} not found under shared/traces/ beside the repository; pass --trace PATH")
 
 
-def load_trace(path: Path | str, limit: int | None = None) -> list[TraceRequest]:
-    """Parse the JSON-lines trace (at most `limit` requests)."""
+def load_trace(path: Path | str | None, limit: int | None = None) -> list[TraceRequest]:
+    """Parse the JSON-lines trace (None: `find_trace()`), at most `limit` requests.
+    Raises FileNotFoundError naming --trace when the file is missing."""
+    path = Path(path) if path is not None else find_trace()
+    if not path.is_file():
+        raise FileNotFoundError(f"--trace {str(path)!r} does not exist")
     out: list[TraceRequest] = []
     with open(path) as f:
         for line in f:
@@ -90,32 +168,32 @@ def load_trace(path: Path | str, limit: int | None = None) -> list[TraceRequest]
     return out
 
 
-def replay(cache: PrefixCache, requests: Iterable[TraceRequest], progress: Iterator | None = None) -> ReplayResult:
-    """Match, release and insert every request's prompt; time only the cache calls."""
+def replay(cache: PrefixCache, requests: Sequence[TraceRequest], progress: Iterator | None = None) -> ReplayResult:
+    """Match, release and insert every request's prompt (in its namespace); time only the cache calls.
+    `progress`, when given, is advanced once per 100 requests."""
     spec = cache.spec
-    reqs = list(requests)
-    longest = max((r.input_length for r in reqs), default=1)
+    longest = max((r.input_length for r in requests), default=1)
     # One KV source for every request: inserts copy slices of it ([1, H, T, D] per layer).
     source = torch.randn(spec.num_layers, 2, 1, spec.num_kv_heads, longest, spec.head_dim).to(spec.dtype)
     total = hits = 0
     seconds = cpu = 0.0
-    for i, req in enumerate(reqs):
+    for i, req in enumerate(requests):
         ids = req.prompt()
         kv = [
             (source[layer, 0, :, :, : len(ids)], source[layer, 1, :, :, : len(ids)]) for layer in range(spec.num_layers)
         ]
         t0, c0 = time.perf_counter(), time.process_time()
-        m = cache.match(ids[:-1])
+        m = cache.match(ids[:-1], namespace=req.namespace)
         hit = m.num_tokens
         cache.release(m)
-        cache.insert(ids, kv)
+        cache.insert(ids, kv, namespace=req.namespace)
         seconds += time.perf_counter() - t0
         cpu += time.process_time() - c0
         hits += hit
         total += len(ids)
         if progress is not None and i % 100 == 0:
             next(progress, None)
-    n = len(reqs)
+    n = len(requests)
     return ReplayResult(
         requests=n,
         prompt_tokens=total,
@@ -129,24 +207,291 @@ def replay(cache: PrefixCache, requests: Iterable[TraceRequest], progress: Itera
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trace", type=Path, default=None, help="trace path (default: shared/traces/ beside the repo)")
-    p.add_argument("--capacity-tokens", type=int, default=2_560_000)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--eviction", default=DEFAULT_EVICTION, choices=list(POLICIES))
+# ----- bounds on hash ids ----------------------------------------------------------------------------
+
+
+def block_chains(requests: Sequence[TraceRequest], block_size: int) -> tuple[list[list[int]], list[int]]:
+    """Each request's whole blocks as dense ids (equal id = equal prefix in the same namespace), and
+    how many of them a match may use ((len - 1) // block_size). Raises ValueError naming
+    --block-size when it does not divide a request's hash-id block."""
+    ids: dict[tuple[Any, ...], int] = {}  # (parent id, hash id, sub-block) -> id; roots keyed by namespace
+    chains: list[list[int]] = []
+    limits: list[int] = []
+    for req in requests:
+        if block_size <= 0 or req.block % block_size:
+            raise ValueError(f"--block-size must divide {req.block}, got {block_size}")
+        per = req.block // block_size
+        chain: list[int] = []
+        parent = ids.setdefault(("root", req.namespace), len(ids))
+        for b in range(req.input_length // block_size):
+            parent = ids.setdefault((parent, req.hash_ids[b // per], b % per), len(ids))
+            chain.append(parent)
+        chains.append(chain)
+        limits.append((req.input_length - 1) // block_size)
+    return chains, limits
+
+
+def unlimited_hit_tokens(requests: Sequence[TraceRequest], block_size: int) -> tuple[int, int]:
+    """(hit tokens, prompt tokens) of an unlimited whole-block cache fed prompts only, in order: a
+    prompt hits its longest run of leading blocks stored before, capped at (len - 1) // block_size
+    blocks; it then stores len // block_size blocks."""
+    chains, limits = block_chains(requests, block_size)
+    stored: set[int] = set()
+    hit = 0
+    for chain, limit in zip(chains, limits, strict=True):
+        k = 0
+        while k < limit and chain[k] in stored:
+            k += 1
+        hit += k * block_size
+        stored.update(chain)
+    return hit, sum(r.input_length for r in requests)
+
+
+@dataclass(frozen=True)
+class OptimumResult:
+    """Token hits of the offline optimum at one capacity (whole blocks, like the cache)."""
+
+    capacity_tokens: int
+    block_size: int
+    hit_tokens: int
+    prompt_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def _next_uses(chains: list[list[int]]) -> list[list[float]]:
+    """next_use[i][j]: the index of the next request after i holding chains[i][j] (NEVER if none)."""
+    last: dict[int, int] = {}
+    out: list[list[float]] = [[] for _ in chains]
+    for i in range(len(chains) - 1, -1, -1):
+        row: list[float] = []
+        for b in chains[i]:
+            row.append(last.get(b, NEVER))
+            last[b] = i
+        out[i] = row
+    return out
+
+
+def optimum_hit_tokens(
+    requests: Sequence[TraceRequest], capacity_tokens: int, block_size: int = TRACE_BLOCK, *, bypass: bool = False
+) -> OptimumResult:
+    """Hit tokens of farthest-next-use eviction over `requests` with `capacity_tokens` of
+    `block_size`-token blocks (see the module docstring). Raises ValueError on a bad size."""
+    if capacity_tokens < block_size:
+        raise ValueError(f"capacity_tokens must hold at least one block of {block_size}, got {capacity_tokens}")
+    chains, limits = block_chains(requests, block_size)
+    return _optimum(chains, limits, _next_uses(chains), capacity_tokens // block_size, block_size, requests, bypass)
+
+
+def _optimum(
+    chains: list[list[int]],
+    limits: list[int],
+    next_use: list[list[float]],
+    capacity: int,
+    block_size: int,
+    requests: Sequence[TraceRequest],
+    bypass: bool,
+) -> OptimumResult:
+    cached: dict[int, float] = {}  # block -> its next use (its current heap key)
+    heap: list[tuple[float, int, int]] = []  # (-next use, -depth, block); stale entries skipped
+    hit = total = 0
+    for i, chain in enumerate(chains):
+        total += requests[i].input_length
+        k = 0
+        while k < limits[i] and chain[k] in cached:
+            k += 1
+        hit += k * block_size
+        uses = next_use[i]
+        # The request's cached blocks are used now: their next use moves on. They stay locked
+        # (never victims) while this request stores its new blocks.
+        for j, b in enumerate(chain):
+            if b not in cached:
+                break
+            cached[b] = uses[j]
+            heapq.heappush(heap, (-uses[j], -j, b))
+        locked = set(chain)
+        set_aside: list[tuple[float, int, int]] = []  # locked heap entries, listed again after
+        for j in range(len(chain)):
+            b = chain[j]
+            if b in cached:
+                continue
+            if len(cached) >= capacity:
+                entry = _farthest(heap, cached, locked, set_aside)
+                if entry is None:
+                    break  # everything cached is locked: store no more (as the cache does)
+                victim = entry[2]
+                if bypass and cached[victim] <= uses[j]:
+                    heapq.heappush(heap, entry)  # it stays
+                    break  # the new block is needed later than anything cached: do not store it
+                del cached[victim]
+            cached[b] = uses[j]
+            heapq.heappush(heap, (-uses[j], -j, b))
+        for entry in set_aside:
+            heapq.heappush(heap, entry)
+    return OptimumResult(capacity * block_size, block_size, hit, total)
+
+
+def _farthest(
+    heap: list[tuple[float, int, int]],
+    cached: dict[int, float],
+    locked: set[int],
+    set_aside: list[tuple[float, int, int]],
+) -> tuple[float, int, int] | None:
+    """Pop the heap entry of the unlocked cached block with the farthest next use (deepest on
+    ties), or None; entries of locked blocks go to `set_aside`, stale ones are dropped."""
+    while heap:
+        entry = heapq.heappop(heap)
+        b = entry[2]
+        if cached.get(b) != -entry[0]:  # evicted, or used again since this entry was pushed
+            continue
+        if b in locked:
+            set_aside.append(entry)
+            continue
+        return entry
+    return None
+
+
+# ----- the sweep: `radixkv bench trace` ------------------------------------------------------------
+
+
+def _ticks(bar: tqdm) -> Iterator[None]:
+    """An endless iterator that advances `bar` by 100 requests per `next` (replay's progress hook)."""
+    while True:
+        bar.update(100)
+        yield None
+
+
+def run_trace_sweep(
+    trace: Path | None,
+    *,
+    out: Path | None,
+    block_size: int = TRACE_BLOCK,
+    capacities: Sequence[int] | None = None,
+    policies: Sequence[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Hit rate vs capacity for each policy, beside the offline optimum and the unlimited bound:
+    print a markdown table, write results.json, table.md and hit_rate_vs_capacity.png to `out`.
+
+    `trace` None finds shared/traces/ beside the repository. Raises ValueError naming a bad
+    policy, capacity or block size, FileNotFoundError for a missing trace.
+    """
+    # LRU and the default are always replayed, side by side, first.
+    policies = list(dict.fromkeys(["lru", DEFAULT_EVICTION, *(policies or DEFAULT_POLICIES)]))
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"--policies: unknown {', '.join(bad)}; choose from {', '.join(POLICIES)}")
+    capacities = sorted(capacities or DEFAULT_CAPACITIES)
+    if any(c <= 0 for c in capacities):
+        raise ValueError(f"--capacities must be positive token counts, got {capacities}")
+    path = (trace if trace is not None else find_trace()).resolve()
+    requests = load_trace(path, limit)
+    hit, total = unlimited_hit_tokens(requests, block_size)
+    bound = hit / total if total else 0.0
+    curves: dict[str, list[float]] = {p: [] for p in policies}
+    runs: list[dict[str, Any]] = []
+    bar = tqdm(total=len(policies) * len(capacities) * len(requests), unit="req", disable=not progress)
+    for policy in policies:
+        for capacity in capacities:
+            bar.set_description(f"{policy} @ {capacity:,}")
+            cache = PrefixCache(TINY_SPEC, capacity_tokens=capacity, block_size=block_size, eviction=policy)
+            result = replay(cache, requests, _ticks(bar))
+            cache.check_invariants()
+            curves[policy].append(result.hit_rate)
+            runs.append({"policy": policy, "capacity_tokens": capacity, **asdict(result)})
+            del cache
+    bar.close()
+    # The offline optimum (farthest next use, knows the future): the ceiling any policy is judged against.
+    curves[OPTIMUM] = [
+        optimum_hit_tokens(requests, c, block_size).hit_tokens / total if total else 0.0 for c in capacities
+    ]
+    doc = {
+        "trace": str(path),
+        "requests": len(requests),
+        "prompt_tokens": total,
+        "block_size": block_size,
+        "capacities": capacities,
+        "unlimited_hit_rate": bound,
+        "hit_rate": curves,
+        "runs": runs,
+    }
+    table = format_trace_table(doc)
+    print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(doc, indent=1))
+        (out / "table.md").write_text(f"## trace\n\n{table}\n")
+        png = plot_hit_rate_curves(
+            capacities,
+            curves,
+            out / "hit_rate_vs_capacity.png",
+            bound=bound,
+            title=f"Mooncake conversation trace ({len(requests):,} requests), block {block_size}",
+        )
+        print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {png}")
+    return doc
+
+
+def format_trace_table(doc: dict[str, Any]) -> str:
+    """Markdown table: one row per capacity, one column per policy (the default marked), then the unlimited bound."""
+    policies = list(doc["hit_rate"])
+    names = [f"{p} (default)" if p == DEFAULT_EVICTION else p for p in policies]
+    lines = [
+        "| capacity (tokens) | " + " | ".join(f"{p} hit rate" for p in names) + " |",
+        "|---|" + "---|" * len(policies),
+    ]
+    for i, c in enumerate(doc["capacities"]):
+        lines.append(f"| {c:,} | " + " | ".join(f"{doc['hit_rate'][p][i]:.4f}" for p in policies) + " |")
+    lines.append("")
+    lines.append(
+        f"- unlimited cache: {doc['unlimited_hit_rate']:.4f}; {doc['requests']:,} requests, "
+        f"{doc['prompt_tokens']:,} prompt tokens, block {doc['block_size']}, prompts only, last token recomputed"
+    )
+    return "\n".join(lines)
+
+
+# ----- the command line ----------------------------------------------------------------------------
+
+
+def _add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trace", type=Path, default=None, help="JSONL trace (default: shared/traces/ beside the repository)"
+    )
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--host-capacity-tokens", type=int, default=None, help="host-memory tier under the pool")
-    p.add_argument("--disk-path", type=Path, default=None, help="disk tier directory (needs --disk-capacity-bytes)")
-    p.add_argument("--disk-capacity-bytes", type=int, default=None)
-    args = p.parse_args(argv)
-    # The copies are small; extra intra-op threads only add scheduling noise.
-    torch.set_num_threads(1)
-    reqs = load_trace(args.trace or find_trace(), args.limit)
+    p.add_argument(
+        "--block-size", type=int, default=TRACE_BLOCK, help=f"cache block size in tokens (default: {TRACE_BLOCK})"
+    )
+
+
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `radixkv bench trace`."""
+    _add_common_flags(p)
+    p.add_argument("--capacities", default=None, help="comma-separated capacities in tokens (default: a log sweep)")
+    p.add_argument("--policies", default=None, help="comma-separated eviction policies (default: all)")
+    p.add_argument("--out", type=Path, default=Path("radixkv-results") / "trace", help="output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def sweep_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`run_trace_sweep` with the flags of `add_sweep_flags`."""
+    return run_trace_sweep(
+        args.trace,
+        out=args.out,
+        block_size=args.block_size,
+        capacities=[int(float(c)) for c in args.capacities.split(",")] if args.capacities else None,
+        policies=args.policies.split(",") if args.policies else None,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+
+
+def _replay_one(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
     cache = PrefixCache(
         TINY_SPEC,
-        capacity_tokens=args.capacity_tokens,
+        capacity_tokens=args.capacity_tokens[0],
         block_size=args.block_size,
         eviction=args.eviction,
         host_capacity_tokens=args.host_capacity_tokens,
@@ -157,16 +502,100 @@ def main(argv: list[str] | None = None) -> None:
     cache.check_invariants()
     tiers = {name: s.as_dict() for name, s in cache.tier_stats.items()}
     if args.json:
-        print(
-            json.dumps(
-                {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens, **asdict(result), "tiers": tiers}
-            )
-        )
+        doc = {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens[0], **asdict(result), "tiers": tiers}
+        print(json.dumps(doc))
     else:
-        print(f"{args.eviction:>8} @ {args.capacity_tokens:,} tokens: {result.row()}")
+        print(f"{args.eviction:>8} @ {args.capacity_tokens[0]:,} tokens: {result.row()}")
         for name, st in tiers.items():
             print(f"    {name}: {st}")
 
 
+def _optimum_rows(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
+    chains, limits = block_chains(reqs, args.block_size)
+    uses = _next_uses(chains)
+    for cap in args.capacity_tokens:
+        r = _optimum(chains, limits, uses, cap // args.block_size, args.block_size, reqs, args.bypass)
+        print(
+            f"optimum{' (bypass)' if args.bypass else ''} @ {cap:,} tokens, {args.block_size}-token blocks: "
+            f"hit rate {r.hit_rate:.4f}"
+        )
+
+
+def _quant(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
+    budget = args.float16_tokens * QUANT_SPEC.bytes_per_token
+    rows = []
+    print(f"budget {budget:,} B (= {args.float16_tokens:,} float16 tokens of head_dim 64), {len(reqs):,} requests")
+    print("| policy | kv_dtype | bytes/token | capacity tokens | x float16 | hit rate | replay s |")
+    print("|---|---|---|---|---|---|---|")
+    for policy in args.policies.split(","):
+        base = None
+        for kv_dtype in (None, "int8", "int4"):
+            cache = PrefixCache(
+                QUANT_SPEC, capacity_bytes=budget, block_size=args.block_size, eviction=policy, kv_dtype=kv_dtype
+            )
+            s = cache.stats
+            base = base or s.capacity_tokens
+            t0 = time.perf_counter()
+            result = replay(cache, reqs)
+            cache.check_invariants()
+            row = {
+                "policy": policy,
+                "kv_dtype": kv_dtype or "float16",
+                "bytes_per_token": s.bytes_per_token,
+                "capacity_tokens": s.capacity_tokens,
+                "capacity_bytes": s.capacity_bytes,
+                "token_ratio": s.capacity_tokens / base,
+                "hit_rate": result.hit_rate,
+                "hit_tokens": result.hit_tokens,
+                "prompt_tokens": result.prompt_tokens,
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            print(
+                f"| {policy} | {row['kv_dtype']} | {row['bytes_per_token']} | {row['capacity_tokens']:,} "
+                f"| {row['token_ratio']:.3f} | {row['hit_rate']:.4f} | {row['seconds']:.0f} |",
+                flush=True,
+            )
+            del cache
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        doc = {"budget_bytes": budget, "block_size": args.block_size, "requests": len(reqs), "rows": rows}
+        (args.out / "quant_trace.json").write_text(json.dumps(doc, indent=1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m radixkv.benchmarks.trace replay|optimum|quant` (see the module docstring)."""
+    ap = argparse.ArgumentParser(
+        prog="python -m radixkv.benchmarks.trace",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("replay", help="one cache over the trace: hit rate, time per request, tier figures")
+    one.add_argument("--capacity-tokens", type=int, nargs=1, default=[2_560_000])
+    one.add_argument("--eviction", default=DEFAULT_EVICTION, choices=list(POLICIES))
+    one.add_argument("--json", action="store_true", help="print the result as JSON")
+    one.add_argument("--host-capacity-tokens", type=int, default=None, help="host-memory tier under the pool")
+    one.add_argument("--disk-path", type=Path, default=None, help="disk tier directory (needs --disk-capacity-bytes)")
+    one.add_argument("--disk-capacity-bytes", type=int, default=None)
+    opt = sub.add_parser("optimum", help="the offline optimum (farthest next use) at each capacity")
+    opt.add_argument("--capacity-tokens", type=int, nargs="+", default=[2_560_000])
+    opt.add_argument("--bypass", action="store_true", help="may decline to store blocks (a higher bound)")
+    quant = sub.add_parser("quant", help="float16 vs int8 vs int4 blocks at one byte budget")
+    quant.add_argument("--float16-tokens", type=int, default=FLOAT16_TOKENS, help="budget, in float16 tokens")
+    quant.add_argument("--policies", default=f"lru,{DEFAULT_EVICTION}")
+    quant.add_argument("--out", type=Path, default=None, help="write quant_trace.json here")
+    for p in (one, opt, quant):
+        _add_common_flags(p)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the copies are small; extra intra-op threads only add scheduling noise
+    try:
+        reqs = load_trace(args.trace, args.limit)
+        {"replay": _replay_one, "optimum": _optimum_rows, "quant": _quant}[args.command](args, reqs)
+    except (ValueError, FileNotFoundError) as exc:
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,7 +17,7 @@ import sys
 import time
 
 import torch
-from radixkv.benchmarks.loader import load
+from radixkv.benchmarks.models import load
 from transformers import TextStreamer
 
 import radixkv

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from radixkv.benchmarks.loader import load
-from radixkv.benchmarks.wl_chat import RAG_SYSTEM, TEXTS
+from radixkv.benchmarks.models import load
+from radixkv.benchmarks.workloads import RAG_SYSTEM, TEXTS
 
 import radixkv
 

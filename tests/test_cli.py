@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from radixkv.benchmarks.cli import main
 from radixkv.benchmarks.trace import find_trace
-from radixkv.benchmarks.workload import best_hit_tokens
-from radixkv.benchmarks.workloads import WORKLOADS
+from radixkv.benchmarks.workloads import WORKLOADS, best_hit_tokens
 
 from radixkv import DEFAULT_EVICTION
 
@@ -113,7 +112,7 @@ def test_multi_turn_hits_include_the_previous_answers(results: dict) -> None:
 
 def test_model_from_a_checkpoint_directory_gives_the_presets_tokens(results: dict, tmp_path: Path) -> None:
     """--model DIR loads a saved checkpoint; the tiny preset's seeded weights saved there give the same tokens."""
-    from radixkv.benchmarks.presets import load_model
+    from radixkv.benchmarks.models import load_model
 
     load_model("tiny", seed=0).save_pretrained(tmp_path / "ckpt")
     doc = _bench("system-prompt", tmp_path / "out", "--model", str(tmp_path / "ckpt"), "--methods", "generate,radixkv")

@@ -1,18 +1,16 @@
-"""The offline optimum the trace benchmark compares against (benchmarks/optimum.py)."""
+"""The offline optimum the trace benchmark compares against (benchmarks/trace.py)."""
 
 from __future__ import annotations
 
 import random
 
-from radixkv.benchmarks.optimum import optimum_hit_tokens
-from radixkv.benchmarks.trace import TINY_SPEC, TraceRequest, replay
-from radixkv.benchmarks.trace_sweep import unlimited_hit_tokens
+from radixkv.benchmarks.trace import TINY_SPEC, TraceRequest, optimum_hit_tokens, replay, unlimited_hit_tokens
 
 from radixkv import POLICIES, PrefixCache
 
 
 def test_the_offline_optimum_bounds_every_policy_and_the_unlimited_cache_bounds_it() -> None:
-    """benchmarks/optimum.py on a small seeded trace: farthest-next-use eviction hits at least as
+    """benchmarks/trace.py's optimum on a small seeded trace: farthest-next-use eviction hits at least as
     much as every policy replayed through PrefixCache at the same capacity, declining to store
     (bypass) at least as much again, and with room for everything it equals the unlimited cache."""
     rng = random.Random("optimum")

