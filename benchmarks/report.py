@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 
 __all__ = ["format_table", "plot_hit_rate_curves", "plot_methods", "to_json"]
 
-_LABELS = {
-    "generate": "generate (no reuse)",
-    "prompt-reuse": "prompt-reuse recipe (deepcopy)",
-    "continuous-batching": "continuous batching (generate_batch)",
-    "radixkv": "radixkv",
-    "radixkv-reuse-generated": "radixkv, reuse_generated=True",
+# method -> (label in the table, colour in the plots)
+_STYLE = {
+    "generate": ("generate (no reuse)", "#888888"),
+    "prompt-reuse": ("prompt-reuse recipe (deepcopy)", "#c98b2b"),
+    "continuous-batching": ("continuous batching (generate_batch)", "#4c72b0"),
+    "radixkv": ("radixkv", "#2a9d54"),
+    "radixkv-reuse-generated": ("radixkv, reuse_generated=True", "#8fd19e"),
 }
 
 
@@ -108,7 +109,7 @@ def format_table(result: BenchResult) -> str:
     )
     lines = [head, "|" + "---|" * 8]
     for o in result.outcomes:
-        label = _LABELS.get(o.name, o.name)
+        label = _STYLE.get(o.name, (o.name,))[0]
         if o.run is None:
             lines.append(f"| {label} | {o.status}: {o.reason} | | | | | | |")
             continue
@@ -163,15 +164,6 @@ def _pyplot() -> Any:
     return plt
 
 
-_COLORS = {
-    "generate": "#888888",
-    "prompt-reuse": "#c98b2b",
-    "continuous-batching": "#4c72b0",
-    "radixkv": "#2a9d54",
-    "radixkv-reuse-generated": "#8fd19e",
-}
-
-
 def plot_methods(result: BenchResult, path: Path) -> Path:
     """Bar charts of mean TTFT, total time and the share of prompt tokens not computed, per method
     that ran, with the best possible share (unlimited cache) as a dashed line; writes `path`."""
@@ -185,7 +177,7 @@ def plot_methods(result: BenchResult, path: Path) -> Path:
         ("prefill tokens saved / prompt tokens", [o.run.prefill_saved / o.run.prompt_tokens for o in ran if o.run]),
     )
     for ax, (title, values) in zip(axes, panels, strict=True):
-        bars = ax.bar(names, values, color=[_COLORS.get(n, "#777777") for n in names])
+        bars = ax.bar(names, values, color=[_STYLE.get(n, ("", "#777777"))[1] for n in names])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)

@@ -241,6 +241,7 @@ def run_model_bench(
     given), build the workload from `params` (its params dataclass), run the methods, print the
     table; with `settings.out`, write ``results.json``, ``table.md`` and ``methods.png`` there."""
     spec = get_workload(workload)
+    settings.set_threads()
     settings = settings.with_capacity(32768)
     device = resolve_device(settings.device)
     if model is None:
@@ -282,6 +283,7 @@ def _answers(workload: ChatWorkload, result: BenchResult) -> list[str]:
 
 def run_demo(settings: BenchSettings) -> list[BenchResult]:
     """`radixkv demo` (see the module docstring); returns one result per scenario."""
+    settings.set_threads()
     device = resolve_device(settings.device)
     if settings.progress:
         print(f"loading model {settings.model!r} on {device} ({settings.dtype})...", file=sys.stderr)
