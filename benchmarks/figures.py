@@ -36,6 +36,7 @@ from radixkv import KVSpec, PrefixCache
 
 from .methods import METHODS, BenchSettings, MethodRun, run_interleaved
 from .models import SMOLLM2, load, load_model
+from .report import plot_real_model
 from .workloads import ASSISTANT_QUESTIONS, CHAT_TURNS, Conversation, Tokens, Workload, chat_workload, read_text
 
 __all__ = ["main", "ttft_side_by_side"]
@@ -134,6 +135,17 @@ def ttft_side_by_side(
     }
 
 
+def _print_ttft(r: dict[str, Any]) -> None:
+    """The rows of `ttft_side_by_side`'s result: medians, minimum, call time, ratios."""
+    med = r["ttft_median_s"]
+    print(f"{'method':<17}{'TTFT median ms':>16}{'TTFT min ms':>13}{'call median ms':>16}"
+          f"{'speedup vs plain':>18}{'TTFT / recipe':>15}")  # fmt: skip
+    for name, m in med.items():
+        print(f"{name:<17}{m * 1e3:>16.1f}{min(r['ttft_s'][name]) * 1e3:>13.1f}"
+              f"{statistics.median(r['call_s'][name]) * 1e3:>16.1f}{r['speedup_vs_plain'][name]:>17.1f}x"
+              f"{m / med['deepcopy recipe']:>15.3f}")  # fmt: skip
+
+
 def ttft_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"{_PROG} ttft", description=TTFT_DOC.split("\n\n")[0])
     p.add_argument("--model", default="llama-100m", help="preset or local path (default: llama-100m)")
@@ -168,13 +180,7 @@ def ttft_main(argv: Sequence[str] | None = None) -> int:
           f"{args.repeats} timed requests per method, interleaved")  # fmt: skip
     print(f"radixkv reused {int(r['reused_per_request'])} prompt tokens per request; first generated token equal "
           f"across methods: {r['same_first_token']}")  # fmt: skip
-    med = r["ttft_median_s"]
-    print(f"{'method':<17}{'TTFT median ms':>16}{'TTFT min ms':>13}{'call median ms':>16}"
-          f"{'speedup vs plain':>18}{'TTFT / recipe':>15}")  # fmt: skip
-    for name, m in med.items():
-        print(f"{name:<17}{m * 1e3:>16.1f}{min(r['ttft_s'][name]) * 1e3:>13.1f}"
-              f"{statistics.median(r['call_s'][name]) * 1e3:>16.1f}{r['speedup_vs_plain'][name]:>17.1f}x"
-              f"{m / med['deepcopy recipe']:>15.3f}")  # fmt: skip
+    _print_ttft(r)
     return 0 if r["same_first_token"] else 1
 
 
@@ -195,7 +201,7 @@ def _real_ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
         "system_prompt_tokens": len(prefix),
         "prompt_tokens": [len(p) for p in prompts[1 : repeats + 1]],
         "radixkv_reused_per_request": r["reused_per_request"],
-        **{k: r[k] for k in ("ttft_s", "ttft_median_s", "speedup_vs_plain", "same_first_token")},
+        **{k: r[k] for k in ("ttft_s", "call_s", "ttft_median_s", "speedup_vs_plain", "same_first_token")},
     }
 
 
@@ -230,37 +236,6 @@ def _real_chat(model: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
     }
 
 
-def _plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    t = doc["ttft"]
-    names = list(t["ttft_median_s"])
-    a.bar(names, [t["ttft_median_s"][n] * 1e3 for n in names], color=["#888888", "#c98b2b", "#2a9d54"])
-    a.set_ylabel("TTFT median (ms)")
-    a.set_title(f"TTFT, {t['system_prompt_tokens']}-token system prompt + question")
-    c = doc["chat"]
-    turns = range(1, c["turns"] + 1)
-    for name, color in (("plain generate", "#888888"), ("radixkv", "#2a9d54")):
-        cumulative, total = [], 0.0
-        for s in c["seconds_per_turn"][name]:
-            total += s
-            cumulative.append(total)
-        b.plot(turns, cumulative, marker="o", color=color, label=name)
-    b.set_xticks(list(turns))
-    b.set_xlabel("turn")
-    b.set_ylabel("cumulative wall time (s)")
-    b.set_title(f"{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer")
-    b.legend()
-    fig.suptitle(f"{doc['model']} ({doc['dtype']}, {doc['threads']} torch thread(s), CPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def real_model_main(argv: Sequence[str] | None = None) -> int:
     parser = _real_model_parser()
     args = parser.parse_args(argv)
@@ -280,9 +255,7 @@ def real_model_main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.model}, {args.dtype}, {doc['threads']} torch thread(s); TTFT over {args.repeats} requests, "
           f"{t['system_prompt_tokens']}-token system prompt; radixkv reused {t['radixkv_reused_per_request']:.0f} "
           f"tokens per request; same first token: {t['same_first_token']}")  # fmt: skip
-    print(f"{'method':<17}{'TTFT median ms':>16}{'TTFT min ms':>13}{'speedup vs plain':>18}")
-    for name, med in t["ttft_median_s"].items():
-        print(f"{name:<17}{med * 1e3:>16.1f}{min(t['ttft_s'][name]) * 1e3:>13.1f}{t['speedup_vs_plain'][name]:>17.1f}x")
+    _print_ttft(t)
     print(
         f"\n{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer; same tokens: {c['same_tokens']}"
     )
@@ -296,7 +269,7 @@ def real_model_main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(doc, indent=1))
-        _plot(doc, args.out / "real_model.png")
+        plot_real_model(doc, args.out / "real_model.png")
         print(f"wrote {args.out / 'results.json'} and {args.out / 'real_model.png'}")
     return 0 if t["same_first_token"] and c["same_tokens"] else 1
 
@@ -367,46 +340,34 @@ def ttft_tiers_main(argv: list[str] | None = None) -> None:
     )
     for w in (host, disk):  # warm-up: store the prefix (not timed)
         w.generate(_request(model, prefix, 0, args.suffix, vocab), max_new_tokens=1, do_sample=False)
-    times: dict[str, list[float]] = {"device": [], "host": [], "disk": [], "recompute": []}
+    assert host.cache is not None and disk.cache is not None
+    # source -> (the cache evicted to its lower tier just before, the generate that serves the request)
+    sources = {
+        "device": (None, host.generate),
+        "host": (host.cache, host.generate),
+        "disk": (disk.cache, disk.generate),
+        "recompute": (None, model.generate),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sources}
     for r in range(1, args.repeats + 1):
         tokens = set()
         ids = _request(model, prefix, r, args.suffix, vocab)
-        s, t = _timed_call(host.generate, ids)
-        times["device"].append(s)
-        tokens.add(t)
-        assert host.cache is not None and disk.cache is not None
-        host.cache.evict(cap)
-        s, t = _timed_call(host.generate, ids)
-        times["host"].append(s)
-        tokens.add(t)
-        disk.cache.evict(cap)
-        s, t = _timed_call(disk.generate, ids)
-        times["disk"].append(s)
-        tokens.add(t)
-        s, t = _timed_call(model.generate, ids)
-        times["recompute"].append(s)
-        tokens.add(t)
+        for name, (evicted, generate) in sources.items():
+            if evicted is not None:
+                evicted.evict(cap)
+            s, t = _timed_call(generate, ids)
+            times[name].append(s)
+            tokens.add(t)
         assert len(tokens) == 1, f"methods disagree on the first token: {tokens}"
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.model} {args.dtype}, prefix {args.prefix} + {args.suffix}, {args.repeats} repeats, median seconds:")
     for k, v in med.items():
         print(f"  {k:>9}: {v * 1000:9.1f} ms   recompute / this = {med['recompute'] / v:6.1f}x")
-    hs = host.cache.tier_stats["host"] if host.cache else None
-    ds = disk.cache.tier_stats["disk"] if disk.cache else None
-    print(f"  host tier: {hs}\n  disk tier: {ds}")
+    print(f"  host tier: {host.cache.tier_stats['host']}\n  disk tier: {disk.cache.tier_stats['disk']}")
     if args.restart:
-        base = [
-            sys.executable,
-            "-m",
-            "radixkv.benchmarks.figures",
-            "ttft-tiers",
-            "--model",
-            args.model,
-            "--dtype",
-            args.dtype,
-        ]
-        base += ["--prefix", str(args.prefix), "--suffix", str(args.suffix), "--threads", str(args.threads)]
-        base += ["--block-size", str(args.block_size)]
+        base = [sys.executable, "-m", "radixkv.benchmarks.figures", "ttft-tiers", "--model", args.model,
+                "--dtype", args.dtype, "--prefix", str(args.prefix), "--suffix", str(args.suffix),
+                "--threads", str(args.threads), "--block-size", str(args.block_size)]  # fmt: skip
         runs = {}
         for name, child in (("restart on the disk directory", tmp.name), ("cold start", "-")):
             out = subprocess.run([*base, "--child", child], capture_output=True, text=True, check=True)

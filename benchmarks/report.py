@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runner import BenchResult, MethodOutcome
 
-__all__ = ["format_table", "plot_hit_rate_curves", "plot_methods", "to_json"]
+__all__ = ["format_table", "plot_hit_rate_curves", "plot_methods", "plot_real_model", "to_json"]
 
 # method -> (label in the table, colour in the plots)
 _STYLE = {
@@ -228,6 +228,39 @@ def plot_hit_rate_curves(
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_real_model(doc: dict[str, Any], path: Path) -> Path:
+    """`figures real-model`'s two panels: TTFT medians per method, cumulative chat time per turn."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    t = doc["ttft"]
+    names = list(t["ttft_median_s"])
+    a.bar(
+        names,
+        [t["ttft_median_s"][n] * 1e3 for n in names],
+        color=[_STYLE[m][1] for m in ("generate", "prompt-reuse", "radixkv")],
+    )
+    a.set_ylabel("TTFT median (ms)")
+    a.set_title(f"TTFT, {t['system_prompt_tokens']}-token system prompt + question")
+    c = doc["chat"]
+    turns = range(1, c["turns"] + 1)
+    for name, color in (("plain generate", _STYLE["generate"][1]), ("radixkv", _STYLE["radixkv"][1])):
+        cumulative, total = [], 0.0
+        for s in c["seconds_per_turn"][name]:
+            total += s
+            cumulative.append(total)
+        b.plot(turns, cumulative, marker="o", color=color, label=name)
+    b.set_xticks(list(turns))
+    b.set_xlabel("turn")
+    b.set_ylabel("cumulative wall time (s)")
+    b.set_title(f"{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer")
+    b.legend()
+    fig.suptitle(f"{doc['model']} ({doc['dtype']}, {doc['threads']} torch thread(s), CPU)")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
