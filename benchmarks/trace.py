@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
 
 from .report import plot_hit_rate_curves
+from .workloads import chain_ids, leading_run
 
 __all__ = [
     "DEFAULT_CAPACITIES",
@@ -211,22 +212,18 @@ def replay(cache: PrefixCache, requests: Sequence[TraceRequest], progress: Itera
 
 
 def block_chains(requests: Sequence[TraceRequest], block_size: int) -> tuple[list[list[int]], list[int]]:
-    """Each request's whole blocks as dense ids (equal id = equal prefix in the same namespace), and
-    how many of them a match may use ((len - 1) // block_size). Raises ValueError naming
+    """Each request's whole blocks as dense ids (`workloads.chain_ids` over (hash id, offset inside
+    its trace block)), and how many of them a match may use ((len - 1) // block_size). Raises ValueError naming
     --block-size when it does not divide a request's hash-id block."""
-    ids: dict[tuple[Any, ...], int] = {}  # (parent id, hash id, sub-block) -> id; roots keyed by namespace
+    table: dict[Any, int] = {}
     chains: list[list[int]] = []
     limits: list[int] = []
     for req in requests:
         if block_size <= 0 or req.block % block_size:
             raise ValueError(f"--block-size must divide {req.block}, got {block_size}")
         per = req.block // block_size
-        chain: list[int] = []
-        parent = ids.setdefault(("root", req.namespace), len(ids))
-        for b in range(req.input_length // block_size):
-            parent = ids.setdefault((parent, req.hash_ids[b // per], b % per), len(ids))
-            chain.append(parent)
-        chains.append(chain)
+        blocks = ((req.hash_ids[b // per], b % per) for b in range(req.input_length // block_size))
+        chains.append(chain_ids(table, blocks, req.namespace))
         limits.append((req.input_length - 1) // block_size)
     return chains, limits
 
@@ -239,10 +236,7 @@ def unlimited_hit_tokens(requests: Sequence[TraceRequest], block_size: int) -> t
     stored: set[int] = set()
     hit = 0
     for chain, limit in zip(chains, limits, strict=True):
-        k = 0
-        while k < limit and chain[k] in stored:
-            k += 1
-        hit += k * block_size
+        hit += leading_run(chain, limit, stored) * block_size
         stored.update(chain)
     return hit, sum(r.input_length for r in requests)
 
@@ -299,10 +293,7 @@ def _optimum(
     hit = total = 0
     for i, chain in enumerate(chains):
         total += requests[i].input_length
-        k = 0
-        while k < limits[i] and chain[k] in cached:
-            k += 1
-        hit += k * block_size
+        hit += leading_run(chain, limits[i], cached) * block_size
         uses = next_use[i]
         # The request's cached blocks are used now: their next use moves on. They stay locked
         # (never victims) while this request stores its new blocks.

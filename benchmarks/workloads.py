@@ -45,7 +45,7 @@ point; it never changes what is generated. Generation stops at the tokenizer's e
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,10 @@ __all__ = [
     "WorkloadSpec",
     "assistant_workload",
     "best_hit_tokens",
+    "chain_ids",
     "chat_workload",
     "get_workload",
+    "leading_run",
     "rag_workload",
     "read_text",
 ]
@@ -152,6 +154,27 @@ class Workload:
         return out
 
 
+def chain_ids(table: dict[Any, int], blocks: Iterable[Hashable], namespace: Hashable = None) -> list[int]:
+    """Dense ids of a prompt's successive blocks, numbered in `table` (shared by every prompt of a
+    run): equal id = equal prefix (same namespace, equal blocks up to here). A block is anything
+    hashable that names its content (its token ids, or a trace's hash id and offset). The one
+    block-chain builder of the benchmarks: the bounds here and in `trace` build on it."""
+    parent = table.setdefault(("root", namespace), len(table))
+    out = []
+    for block in blocks:
+        parent = table.setdefault((parent, block), len(table))
+        out.append(parent)
+    return out
+
+
+def leading_run(chain: Sequence[int], limit: int, stored: Container[int]) -> int:
+    """How many leading blocks of `chain`, at most `limit`, are in `stored` (a prefix match)."""
+    k = 0
+    while k < limit and chain[k] in stored:
+        k += 1
+    return k
+
+
 def best_hit_tokens(requests: Iterable[tuple[Sequence[int], Sequence[int]]], block_size: int) -> tuple[int, int]:
     """Best (cached prompt tokens, prompt tokens) for an unlimited whole-block prefix cache.
 
@@ -159,30 +182,22 @@ def best_hit_tokens(requests: Iterable[tuple[Sequence[int], Sequence[int]]], blo
     ``prompt + generated[:-1]`` (the last generated token never has KV), in whole blocks. A
     prompt can reuse the longest whole-block prefix it shares with anything stored before,
     capped at ``len(prompt) - 1`` so that one prompt token is always computed.
-    Cost: O(total tokens) with a set of block-chain keys.
+    Cost: O(total tokens).
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size!r}")
-    ids: dict[tuple[int, Tokens], int] = {}  # (parent block's id, block tokens) -> this block's id
+
+    def blocks(seq: Tokens) -> Iterator[Tokens]:
+        return (seq[b * block_size : (b + 1) * block_size] for b in range(len(seq) // block_size))
+
+    table: dict[Any, int] = {}
+    stored: set[int] = set()
     hit = total = 0
     for prompt, generated in requests:
         prompt = tuple(prompt)
         total += len(prompt)
-        limit = (len(prompt) - 1) // block_size
-        parent = 0
-        for b in range(limit):
-            key = (parent, prompt[b * block_size : (b + 1) * block_size])
-            if key not in ids:
-                break
-            hit += block_size
-            parent = ids[key]
-        seq = prompt + tuple(generated)[:-1] if generated else prompt
-        parent = 0
-        for b in range(len(seq) // block_size):
-            key = (parent, seq[b * block_size : (b + 1) * block_size])
-            if key not in ids:
-                ids[key] = len(ids) + 1
-            parent = ids[key]
+        hit += leading_run(chain_ids(table, blocks(prompt)), (len(prompt) - 1) // block_size, stored) * block_size
+        stored.update(chain_ids(table, blocks(prompt + tuple(generated)[:-1] if generated else prompt)))
     return hit, total
 
 
