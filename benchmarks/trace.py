@@ -482,7 +482,7 @@ def sweep_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _replay_one(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
     cache = PrefixCache(
         TINY_SPEC,
-        capacity_tokens=args.capacity_tokens[0],
+        capacity_tokens=args.capacity_tokens,
         block_size=args.block_size,
         eviction=args.eviction,
         host_capacity_tokens=args.host_capacity_tokens,
@@ -493,10 +493,10 @@ def _replay_one(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
     cache.check_invariants()
     tiers = {name: s.as_dict() for name, s in cache.tier_stats.items()}
     if args.json:
-        doc = {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens[0], **asdict(result), "tiers": tiers}
+        doc = {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens, **asdict(result), "tiers": tiers}
         print(json.dumps(doc))
     else:
-        print(f"{args.eviction:>8} @ {args.capacity_tokens[0]:,} tokens: {result.row()}")
+        print(f"{args.eviction:>8} @ {args.capacity_tokens:,} tokens: {result.row()}")
         for name, st in tiers.items():
             print(f"    {name}: {st}")
 
@@ -563,14 +563,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = ap.add_subparsers(dest="command", required=True)
     one = sub.add_parser("replay", help="one cache over the trace: hit rate, time per request, tier figures")
-    one.add_argument("--capacity-tokens", type=int, nargs=1, default=[2_560_000])
+    one.add_argument("--capacity-tokens", type=int, default=2_560_000, help="device pool (default: 2,560,000)")
     one.add_argument("--eviction", default=DEFAULT_EVICTION, choices=list(POLICIES))
     one.add_argument("--json", action="store_true", help="print the result as JSON")
     one.add_argument("--host-capacity-tokens", type=int, default=None, help="host-memory tier under the pool")
     one.add_argument("--disk-path", type=Path, default=None, help="disk tier directory (needs --disk-capacity-bytes)")
     one.add_argument("--disk-capacity-bytes", type=int, default=None)
     opt = sub.add_parser("optimum", help="the offline optimum (farthest next use) at each capacity")
-    opt.add_argument("--capacity-tokens", type=int, nargs="+", default=[2_560_000])
+    opt.add_argument(
+        "--capacity-tokens", type=int, nargs="+", default=[2_560_000], help="one or more (default: 2,560,000)"
+    )
     opt.add_argument("--bypass", action="store_true", help="may decline to store blocks (a higher bound)")
     quant = sub.add_parser("quant", help="float16 vs int8 vs int4 blocks at one byte budget")
     quant.add_argument("--float16-tokens", type=int, default=FLOAT16_TOKENS, help="budget, in float16 tokens")

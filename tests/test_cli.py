@@ -7,15 +7,20 @@ shared 2-core machine); assertions are on results.json figures that a wrong cach
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 from radixkv.benchmarks.cli import main
-from radixkv.benchmarks.trace import find_trace
+from radixkv.benchmarks.figures import ttft_side_by_side
+from radixkv.benchmarks.methods import BenchSettings
+from radixkv.benchmarks.models import load_model
+from radixkv.benchmarks.trace import TINY_SPEC, find_trace, load_trace, optimum_hit_tokens, replay
+from radixkv.benchmarks.trace import main as trace_main
 from radixkv.benchmarks.workloads import WORKLOADS, best_hit_tokens
 
-from radixkv import DEFAULT_EVICTION
+from radixkv import DEFAULT_EVICTION, PrefixCache
 
 BLOCK = 16
 
@@ -112,8 +117,6 @@ def test_multi_turn_hits_include_the_previous_answers(results: dict) -> None:
 
 def test_model_from_a_checkpoint_directory_gives_the_presets_tokens(results: dict, tmp_path: Path) -> None:
     """--model DIR loads a saved checkpoint; the tiny preset's seeded weights saved there give the same tokens."""
-    from radixkv.benchmarks.models import load_model
-
     load_model("tiny", seed=0).save_pretrained(tmp_path / "ckpt")
     doc = _bench("system-prompt", tmp_path / "out", "--model", str(tmp_path / "ckpt"), "--methods", "generate,radixkv")
     preset_run = _methods(results["system-prompt"])["generate"]["per_request"]
@@ -130,15 +133,21 @@ def test_best_hit_tokens_counts_whole_blocks_and_stored_answers() -> None:
     assert best_hit_tokens([(a[:15], ()), (a, ())], 16) == (0, 55)  # a partial block is never stored
 
 
-def test_trace_sweep_on_the_first_requests(tmp_path: Path) -> None:
-    """`bench trace` replays the trace: hit rate grows with capacity and stays under the unlimited bound."""
+def _trace(tmp_path: Path) -> Path:
+    """The shared trace, or in a checkout without shared/ beside it a synthetic one of the same format."""
     try:
-        trace = find_trace()
-    except FileNotFoundError:  # a checkout without shared/ beside it: a synthetic trace of the same format
+        return find_trace()
+    except FileNotFoundError:
         trace = tmp_path / "trace.jsonl"
         rows = [{"timestamp": i, "input_length": 900 + 7 * (i % 5), "output_length": 8,
                  "hash_ids": [i % 3, 100 + i % 4]} for i in range(150)]  # fmt: skip
         trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return trace
+
+
+def test_trace_sweep_on_the_first_requests(tmp_path: Path) -> None:
+    """`bench trace` replays the trace: hit rate grows with capacity and stays under the unlimited bound."""
+    trace = _trace(tmp_path)
     argv = ["bench", "trace", "--trace", str(trace), "--limit", "150", "--capacities", "200000,2000000"]
     argv += ["--policies", "lru,lfu"]
     assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
@@ -150,6 +159,37 @@ def test_trace_sweep_on_the_first_requests(tmp_path: Path) -> None:
     for rates in doc["hit_rate"].values():
         assert 0 < rates[0] <= rates[1] <= doc["unlimited_hit_rate"] + 1e-12
     assert (tmp_path / "hit_rate_vs_capacity.png").is_file()
+
+
+def test_trace_module_commands_share_the_sweeps_block_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m radixkv.benchmarks.trace replay|optimum` default to the sweep's 512-token blocks:
+    replay's hit rate is the library replay's at 512, optimum's the offline optimum's at 512, and a
+    block size that does not divide the trace's block exits 2 naming --block-size."""
+    path = _trace(tmp_path)
+    reqs = load_trace(path, 150)
+    common = ["--trace", str(path), "--limit", "150", "--capacity-tokens", "200000"]
+    assert trace_main(["replay", *common, "--eviction", "lru", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = replay(PrefixCache(TINY_SPEC, capacity_tokens=200_000, block_size=512, eviction="lru"), reqs)
+    assert (got["hit_tokens"], got["prompt_tokens"]) == (want.hit_tokens, want.prompt_tokens)
+    assert trace_main(["optimum", *common]) == 0
+    assert f"512-token blocks: hit rate {optimum_hit_tokens(reqs, 200_000).hit_rate:.4f}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        trace_main(["optimum", *common, "--block-size", "100"])
+    assert exc.value.code == 2 and "--block-size must divide 512" in capsys.readouterr().err
+
+
+def test_ttft_figure_serves_every_request_through_the_bench_methods() -> None:
+    """`figures.ttft_side_by_side` on the tiny preset: every recorded request is a radixkv hit on the
+    whole-block prefix, and the three methods generate the same token for every request."""
+    model = load_model("tiny", seed=0)
+    rng = random.Random(0)
+    prefix = tuple(rng.randrange(3, 512) for _ in range(100))
+    prompts = [prefix + tuple(rng.randrange(3, 512) for _ in range(7)) for _ in range(4)]
+    r = ttft_side_by_side(model, prefix, prompts[-1], prompts[:3], BenchSettings(capacity_tokens=4096, threads=1))
+    assert r["same_first_token"] is True
+    assert r["reused_per_request"] == 96  # the prefix's 6 whole blocks of 16, on every request after the warm-up
+    assert {m: len(v) for m, v in r["ttft_s"].items()} == {"plain generate": 2, "deepcopy recipe": 2, "radixkv hit": 2}
 
 
 @pytest.mark.parametrize(
