@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -26,6 +26,23 @@ from .tree import Hold, Node, RadixTree, Tenant
 
 if TYPE_CHECKING:
     from .redis_tier import RedisOptions, RedisStats, RedisTier
+
+
+class CacheOptions(TypedDict, total=False):
+    """PrefixCache's keyword arguments, for wrappers that pass them through (radixkv.wrap); each
+    is documented on PrefixCache."""
+
+    capacity_tokens: int | None
+    capacity_bytes: int | None
+    block_size: int
+    eviction: str | EvictionPolicy
+    host_capacity_tokens: int | None
+    disk_path: str | os.PathLike[str] | None
+    disk_capacity_bytes: int | None
+    shared: str | RedisOptions | None
+    shared_model: str | bytes | None
+    shares: Mapping[object, float] | None
+    kv_dtype: str | None
 
 
 @dataclass(frozen=True)
