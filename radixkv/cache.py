@@ -66,7 +66,8 @@ class CacheStats:
 
     cached_tokens: in the tree. locked_tokens: held by live matches (a subset of cached, plus
     blocks of matches that outlived a `clear`). free_tokens: in no one's hands.
-    free_tokens + cached_tokens + (locked tokens no longer in the tree) == capacity_tokens.
+    free_tokens + cached_tokens + (locked tokens no longer in the tree) + (tokens that inserts
+    in other threads are copying right now) == capacity_tokens.
     """
 
     lookups: int
@@ -188,8 +189,10 @@ class PrefixCache:
         `shares`, one order over all leaves, as the policy says. `stats.namespaces` has each
         tenant's cached, query and hit tokens.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
-      - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
-        outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
+      - All methods are thread-safe: one lock around bookkeeping, and no KV copy of `match`,
+        `insert` or `gather` under it (gather reads locked blocks; insert writes blocks no one
+        can reach yet), so lookups never wait behind a copy. `clear()` empties the tree; blocks
+        of live matches stay valid until released.
       - Lower tiers (optional; without them nothing changes): `host_capacity_tokens` keeps
         evicted blocks in host memory, `disk_path` + `disk_capacity_bytes` keeps what leaves
         the host (or the pool, without a host tier) in files that later processes reuse.
@@ -205,8 +208,15 @@ class PrefixCache:
         `close()` stops the writer; `clear()` leaves Redis as it is. Server trouble never raises
         from match or insert (it is counted in `shared_stats`); a refused password raises at
         construction. See RedisTier.
-    Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
-    for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
+    Costs: match O(matched tokens) in C plus O(depth) Python steps, under the lock. insert takes
+    the lock twice: first O(depth + matched tokens) to find what is new, O(new blocks) hashing,
+    the evictions it needs and the allocation (the path it extends stays locked); then, without
+    the lock, one copy per layer for K and V into the new blocks (and the Redis write-through's
+    copy); then O(depth + new tokens) to attach them, where blocks another thread stored in the
+    meantime keep that thread's copy and this one's go back to the free list. Until then the
+    new blocks are neither free nor cached, and not matchable. An insert with nothing new (or
+    no room) takes the lock once. Eviction O(log leaves) per leaf touched; promotions from the
+    lower tiers copy under the lock (disk and Redis reads do not).
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
     exceeds the query, so callers that must compute one token pass `ids[:-1]`.
     """

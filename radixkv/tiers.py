@@ -89,7 +89,9 @@ class Tiers:
     asking for the same disk prefix at once wait for the first one's load instead of repeating
     it. A promotion that does not fit in the pool (locked blocks) stores the prefix that does.
     Every tier keeps blocks in the pool's stored form (KVPool.read_blocks): a quantised pool's
-    codes and scales move down and back up bit for bit, never re-quantised.
+    codes and scales move down and back up bit for bit, never re-quantised. The cache is
+    reached only through `CacheSide`; attaching promoted blocks is the cache's own `promote`,
+    the same one the Redis tier's promotions use.
     """
 
     def __init__(

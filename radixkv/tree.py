@@ -53,8 +53,9 @@ class Node:
     """One edge of the tree: `len(block_ids)` whole blocks of tokens after its parent's path.
 
     `tokens` holds `len(block_ids) * block_size` ids. A namespace root has no blocks and no
-    parent. `lock_ref` counts live matches (and in-flight inserts) whose path includes the node.
-    `owner` is the tenant of the node's namespace (shared with its root).
+    parent. `lock_ref` counts live matches and in-flight inserts and promotions whose path
+    includes the node (on a root: its pins). `owner` is the tenant of the node's namespace
+    (shared with its root).
     """
 
     __slots__ = (
@@ -112,10 +113,19 @@ class RadixTree:
 
     Contract: `descend` finds the longest whole-block prefix and splits the node it ends in,
     so a path always ends at a node boundary. `acquire`/`release` lock and unlock a path (root
-    excluded); locked nodes are never evictable. `evict` removes tail blocks of the
+    excluded); locked nodes are never evictable. `pin`/`unpin` keep a namespace root (and so
+    the namespace) alive while nothing is under it yet. The facade's three uses of a path:
+    `lookup` (a match: ticks the clock, locks the path as a hit, lists its blocks), `hold` /
+    `unhold` (an insert or promotion: pin, descend, lock without a hit; an insert ticks) and
+    `peek` (where a lower tier continues: no lock, no tick). `evict` removes tail blocks of the
     smallest-keyed unlocked leaf until enough blocks are gone and returns their ids; a parent
-    becomes evictable when its last child goes. Costs: descend O(depth + matched tokens) in C
-    with O(depth) Python steps; each evictable-set update O(log leaves).
+    becomes evictable when its last child goes. `check` asserts the structure, `check_locks`
+    that every lock count is explained by the holders the caller names.
+    Costs: descend, lookup, hold and peek O(depth + matched tokens) in C with O(depth) Python
+    steps (lookup adds O(matched blocks) to list them); acquire/release O(depth); each
+    evictable-set update O(log leaves); check O(nodes + blocks + evictable leaves);
+    check_locks O(nodes + total held path length).
+    Not thread-safe on its own: the cache serialises calls.
 
     Shares (`shares`: tenant key -> guaranteed blocks; the tenants not listed share `rest`
     blocks): each listed tenant's leaves form a group of their own, the others one more group.
