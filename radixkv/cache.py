@@ -530,14 +530,15 @@ class PrefixCache:
         n_full = len(ids) // bs
         if n_full == 0:
             return 0
-        with self._lock:
-            w = self._reserve(ids, packed, kv, n_full, ns_key, tenant_key, tenant_name, priority)
+        w: _Write | None = None
+        copied = False
         stored = 0
-        if w is not None:
-            # Outside the lock: the reserved blocks are unreachable until attached and the path
-            # they extend is locked, so no other thread reads, evicts or reuses them meanwhile.
-            copied = False
-            try:
+        try:
+            with self._lock:
+                w = self._reserve(ids, packed, kv, n_full, ns_key, tenant_key, tenant_name, priority)
+            if w is not None:
+                # Outside the lock: the reserved blocks are unreachable until attached and the
+                # path they extend is locked, so no other thread reads, evicts or reuses them.
                 self._pool.write(w.block_ids, kv, w.held.matched * bs)
                 shared = self._shared  # read once: close() may drop it from another thread
                 if shared is not None:
@@ -547,7 +548,8 @@ class PrefixCache:
                     read = lambda: pool.read_blocks(block_ids).to("cpu")  # noqa: E731
                     shared.write(ns_key, w.parent_hash, w.hashes, w.tokens, read)
                 copied = True
-            finally:
+        finally:
+            if w is not None:
                 with self._lock:
                     stored = self._attach(w, copied)
         if self._tiers is not None:
