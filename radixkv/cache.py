@@ -166,8 +166,11 @@ class PrefixCache:
     """A radix-tree prefix cache over token ids with a preallocated, paged KV pool.
 
     Contract:
+      - Token ids (`token_ids` of match and insert): a list or tuple of ints, or a 1-D integer
+        tensor or ndarray.
       - `match(ids)` returns the longest cached whole-block prefix and locks it; locked blocks
-        are never evicted or rewritten until `release(match)` (or the match's `with` exits).
+        are never evicted or rewritten until `release(match)` (or the match's `with` exits);
+        releasing twice raises ValueError.
       - `gather(match)` copies the matched KV out: per layer (K, V) `[1, H, num_tokens, D]`.
       - `insert(ids, kv)` stores the whole blocks not yet cached, reusing cached ones untouched;
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
@@ -179,7 +182,8 @@ class PrefixCache:
         different outputs than without the cache. The lower and shared tiers then keep the
         quantised blocks as stored (bit for bit) under a fingerprint naming the kv_dtype.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
-        The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
+        The default, DEFAULT_EVICTION ("adaptive"), is LRU, taking the learned reuse order only
+        while a sampled miniature replay shows it winning (radixkv.adaptive.Adaptive).
       - Entries in different namespaces never share nodes or blocks.
       - `shares={tenant: fraction}` guarantees each listed tenant that fraction of the blocks;
         unlisted tenants share the rest. Under pressure, blocks go first from tenants above their
