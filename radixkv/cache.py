@@ -214,7 +214,8 @@ class PrefixCache:
         construction. See RedisTier.
     Costs: match O(matched tokens) in C plus O(depth) Python steps, under the lock, plus the
     policy's hit hook per matched node (the default "adaptive" replays sampled blocks in Python:
-    a few steps per matched block in caches up to 2,048 blocks, ~1% of them above). insert takes
+    a few steps per matched block in caches up to 2,048 blocks, per sampled block above: a
+    fraction 2,048 / capacity, at least 1%). insert takes
     the lock twice: first O(depth + matched tokens) to find what is new, O(new blocks) hashing,
     the evictions it needs and the allocation (the path it extends stays locked); then, without
     the lock, one copy per layer for K and V into the new blocks (and the Redis write-through's
