@@ -119,20 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SETTINGS_FLAGS = ("model", "device", "dtype", "capacity_tokens", "block_size", "eviction", "seed", "out", "threads")
+
+
 def _settings(args: argparse.Namespace) -> BenchSettings:
     """The run's one settings object, from the model flags (ValueError naming a bad one)."""
     return BenchSettings(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        capacity_tokens=args.capacity_tokens,
-        block_size=args.block_size,
-        eviction=args.eviction,
-        seed=args.seed,
+        **{name: getattr(args, name) for name in _SETTINGS_FLAGS},
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        out=args.out,
         progress=not args.no_progress,
-        threads=args.threads,
         **({"new_tokens": args.new_tokens} if args.command == "demo" else {}),
     )
 
