@@ -10,31 +10,26 @@ instead of numbers. `METHODS` lists them in table order; `generate` comes first:
 reference for the token comparison.
 
 - `generate`: plain `model.generate`, one request at a time, no reuse (the baseline).
-- `prompt-reuse`: transformers' documented recipe for one known prefix.
-  The recipe (transformers docs, "prefill a cache"): compute a `DynamicCache` for a prefix known
-  in advance once, then give every request a `copy.deepcopy` of it. Here the known prefix of
-  each conversation is the workload's `known_prefix` (the system prompt or instruction header);
-  it is computed lazily when the first request that needs it arrives, inside that request's
-  timing, and each distinct prefix is kept for the rest of the run. Nothing else is reused: a
-  later round's history is recomputed past the known prefix.
-- `radixkv`, `radixkv-reuse-generated`: the model
-  wrapped by `radixkv.wrap`, one request at a time. They differ only in half precision, where the
-  default stores prompts only and the other also stores each answer's decode-step KV.
-  Same loop and TTFT streamer as plain `generate`; the prompt tokens read from the prefix cache
-  come from the adapter's statistics (`stats.reused_tokens`, or the cache's `stats.hit_tokens`)
-  before and after each request.
-- `continuous-batching`: transformers' `model.generate_batch` with block sharing.
-  Each round of the workload is one `generate_batch` call holding every conversation's request
-  of that round (all submitted at once, then scheduled by transformers); the manager persists
-  across rounds so cached blocks can serve the next round. Its paged cache (pages of `block_size`
-  tokens, `allow_block_sharing=True`: chained block hashes, every cached block dropped at once
-  under memory pressure) gets radixkv's `capacity_tokens` plus room for all the requests of a
-  round in flight, since its one pool holds both.
-  Measurements: TTFT is a request's first-token timestamp minus its submission time (so it
-  includes queueing behind the rest of the batch); total time is the wall time of the
-  `generate_batch` calls. Prefix hits are counted by wrapping the cache's
-  `search_prefix_match` (transformers internals: if that method is gone, hits read as 0 and the
-  run notes it).
+- `prompt-reuse`: transformers' documented recipe for one known prefix ("prefill a cache"):
+  compute a `DynamicCache` of a prefix known in advance once, give every request a
+  `copy.deepcopy` of it. The known prefix of each conversation is the workload's `known_prefix`
+  (system prompt or instruction header); it is computed when the first request that needs it
+  arrives, inside that request's timing, and kept for the rest of the run. Nothing else is
+  reused: a later round's history is recomputed past the known prefix.
+- `radixkv`, `radixkv-reuse-generated`: the model wrapped by `radixkv.wrap`, one request at a
+  time, with the default `reuse_generated` and with True; they differ only in half precision,
+  where the default stores prompts only and the other also each answer's decode-step KV. The
+  prompt tokens read from the cache come from the adapter's statistics before and after each
+  request.
+- `continuous-batching`: transformers' `model.generate_batch` with block sharing. Each round of
+  the workload is one `generate_batch` call holding every conversation's request of that round;
+  the manager persists across rounds so cached blocks can serve the next round. Its paged cache
+  (pages of `block_size` tokens, `allow_block_sharing=True`: chained block hashes, every cached
+  block dropped at once under memory pressure) gets radixkv's `capacity_tokens` plus room for a
+  whole round in flight, since its one pool holds both. TTFT is a request's first-token
+  timestamp minus its submission (so it includes queueing behind the batch); total time is the
+  wall time of the calls. Prefix hits are counted by wrapping the cache's `search_prefix_match`
+  (transformers internals: if that method is gone, hits read as 0 and the run notes it).
 
 TTFT of the sequential methods comes from a streamer (`FirstTokenTimer`): `generate` calls
 ``streamer.put`` once with the prompt, then once per generated token, so the second `put` marks
