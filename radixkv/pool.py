@@ -64,7 +64,8 @@ class KVPool:
         idx = self._index(block_ids)
         quant = self.quantizer
         # Quantising: one float32 temporary [H, n, bs, D] that every layer and K/V reuse.
-        scratch = None if quant is None else torch.empty((spec.num_kv_heads, n, bs, spec.head_dim), device=spec.device)
+        shape = (spec.num_kv_heads, n, bs, spec.head_dim)
+        scratch = None if quant is None else torch.empty(shape, dtype=torch.float32, device=spec.device)
         for layer, (k, v) in enumerate(kv):
             # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
             src_k = k[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)

@@ -73,6 +73,7 @@ class KVQuantizer:
         it saves two allocations per call; its contents are overwritten.
         """
         shape = x.shape[:-1]
+        _check_scratch(scratch, x.shape)
         # Half precision input: its float32 copy goes to scratch. float32 input: no copy, g aliases x
         # (and is never written).
         in_scratch = scratch is not None and x.dtype != torch.float32
@@ -110,6 +111,7 @@ class KVQuantizer:
         ignored where no float32 intermediate exists. The result never aliases `scratch`.
         """
         shape = codes.shape[:-1]
+        _check_scratch(scratch, (*shape, self.head_dim))
         # Convert first, then scale in place: same-dtype in-place kernels are vectorised on CPU,
         # mixed-dtype ones (int x float with promotion, addcmul with a broadcast input) measured
         # 3-15x slower. On CPU, int -> float16 conversion and float16 arithmetic are slower than
@@ -135,6 +137,16 @@ class KVQuantizer:
         else:
             out.view(*shape, self.num_groups, self.group).mul_(s).add_(m)
         return out.to(dtype)
+
+
+def _check_scratch(scratch: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if scratch is not None and (
+        scratch.dtype != torch.float32 or scratch.shape != shape or not scratch.is_contiguous()
+    ):
+        raise ValueError(
+            f"scratch must be a contiguous float32 tensor of shape {tuple(shape)}, "
+            f"got {scratch.dtype} {tuple(scratch.shape)}{'' if scratch.is_contiguous() else ' (not contiguous)'}"
+        )
 
 
 def make_quantizer(kv_dtype: object, spec: KVSpec) -> KVQuantizer | None:

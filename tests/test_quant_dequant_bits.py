@@ -141,3 +141,20 @@ def test_quantize_with_scratch_gives_the_same_bits_and_leaves_the_input_alone(
     err = (out - x.float()).abs().view(3, 2, 16, q.num_groups, q.group).amax(-1)
     step = scales2.float().view(3, 2, 16, q.num_groups, -1)[..., 0]
     assert (err <= 0.5 * step * (1 + 2**-9) + 1e-30).all()
+
+
+def test_a_wrong_scratch_is_refused_by_name() -> None:
+    """A scratch of another dtype or shape would silently change the codes (float64 division) or
+    fail deep inside a kernel: both entry points refuse it, naming it."""
+    q = KVQuantizer("int8", HEAD_DIM)
+    x = torch.randn(2, 5, HEAD_DIM)
+    codes, scales = q.quantize(x)
+    for bad in (
+        torch.empty(2, 5, HEAD_DIM, dtype=torch.float64),
+        torch.empty(2, 6, HEAD_DIM),
+        torch.empty(HEAD_DIM, 5, 2).T,
+    ):
+        with pytest.raises(ValueError, match="scratch"):
+            q.quantize(x, bad)
+        with pytest.raises(ValueError, match="scratch"):
+            q.dequantize(codes, scales, torch.float16, bad)
