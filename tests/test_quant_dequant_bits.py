@@ -152,7 +152,7 @@ def test_a_wrong_scratch_is_refused_by_name() -> None:
     for bad in (
         torch.empty(2, 5, HEAD_DIM, dtype=torch.float64),
         torch.empty(2, 6, HEAD_DIM),
-        torch.empty(HEAD_DIM, 5, 2).T,
+        torch.empty(HEAD_DIM, 5, 2).permute(2, 1, 0),
     ):
         with pytest.raises(ValueError, match="scratch"):
             q.quantize(x, bad)
