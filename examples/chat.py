@@ -15,28 +15,59 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any, NamedTuple
 
 import torch
 from radixkv.benchmarks.loader import load
+from radixkv.integrations.hf import CachedModel
 from transformers import TextStreamer
 
 import radixkv
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class Reply(NamedTuple):
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    reused_tokens: int  # prompt tokens whose KV came from the cache
+    seconds: float
+
+
+def add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The command-line options both examples share: the model, the answer length, CPU threads."""
     p.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or folder, or a local HF directory")
-    p.add_argument("--system", default="You are a helpful assistant. Keep answers short.", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args()
+
+
+def open_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[CachedModel, Any]:
+    """Load `--model`, check that it can chat and wrap it: (cached model, tokenizer)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args.model)
     if lm.tokenizer is None or not lm.tokenizer.chat_template:
         p.error(f"--model {args.model!r} has no tokenizer with a chat template")
-    tok = lm.tokenizer
-    cached = radixkv.wrap(lm.model, capacity_tokens=8192)
+    return radixkv.wrap(lm.model, capacity_tokens=8192), lm.tokenizer
+
+
+def reply(cached: CachedModel, tok: Any, messages: list[dict[str, str]], max_new_tokens: int, **kwargs: Any) -> Reply:
+    """Greedy answer to `messages` through the cache (`kwargs` go to generate, e.g. a streamer)."""
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    before = cached.stats.reused_tokens
+    start = time.perf_counter()
+    out = cached.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    seconds = time.perf_counter() - start
+    prompt_len = enc["input_ids"].shape[1]
+    text = tok.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+    return Reply(text, prompt_len, out.shape[1] - prompt_len, cached.stats.reused_tokens - before, seconds)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p, max_new_tokens=128)
+    p.add_argument("--system", default="You are a helpful assistant. Keep answers short.", help="system prompt")
+    args = p.parse_args()
+    cached, tok = open_model(p, args)
     messages = [{"role": "system", "content": args.system}]
     interactive = sys.stdin.isatty()
     while True:
@@ -49,24 +80,12 @@ def main() -> int:
         if not interactive:
             print(f"you> {user}")
         messages.append({"role": "user", "content": user})
-        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        before = cached.stats.reused_tokens
         print("model> ", end="", flush=True)
-        start = time.perf_counter()
-        out = cached.generate(
-            enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-        )
-        seconds = time.perf_counter() - start
-        prompt_len = enc["input_ids"].shape[1]
-        answer = tok.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
-        reused = cached.stats.reused_tokens - before
-        print(f"  [reused {reused:,} of {prompt_len:,} prompt tokens from the history; "
-              f"{out.shape[1] - prompt_len} new tokens in {seconds:.1f} s]")  # fmt: skip
-        messages.append({"role": "assistant", "content": answer})
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        r = reply(cached, tok, messages, args.max_new_tokens, streamer=streamer)
+        print(f"  [reused {r.reused_tokens:,} of {r.prompt_tokens:,} prompt tokens from the history; "
+              f"{r.new_tokens} new tokens in {r.seconds:.1f} s]")  # fmt: skip
+        messages.append({"role": "assistant", "content": r.text})
     return 0
 
 

@@ -14,14 +14,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
-import torch
-from radixkv.benchmarks.loader import load
+from chat import add_model_args, open_model, reply  # the sibling example (run as a script)
 from radixkv.benchmarks.wl_chat import RAG_SYSTEM, TEXTS
-
-import radixkv
 
 QUESTIONS = (
     "How long does a worker bee born in summer live?",
@@ -45,18 +41,10 @@ def retrieve(question: str, docs: dict[str, str], k: int = 2) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("questions", nargs="*", help="questions (default: a few examples)")
-    p.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or folder, or a local HF directory")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_model_args(p, max_new_tokens=48)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     docs = {f.stem: f.read_text(encoding="utf-8").strip() for f in sorted(Path(TEXTS, "documents").glob("*.md"))}
-    lm = load(args.model)
-    if lm.tokenizer is None or not lm.tokenizer.chat_template:
-        p.error(f"--model {args.model!r} has no tokenizer with a chat template")
-    tok = lm.tokenizer
-    cached = radixkv.wrap(lm.model, capacity_tokens=8192)
+    cached, tok = open_model(p, args)
     for question in args.questions or QUESTIONS:
         ranked = retrieve(question, docs)
         body = "\n\n".join(f"Document {i + 1}:\n{docs[name]}" for i, name in enumerate(ranked))
@@ -64,16 +52,10 @@ def main() -> int:
             {"role": "system", "content": RAG_SYSTEM},
             {"role": "user", "content": f"{body}\n\nQuestion: {question}"},
         ]
-        enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        before = cached.stats.reused_tokens
-        start = time.perf_counter()
-        out = cached.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-        prompt_len = enc["input_ids"].shape[1]
-        answer = tok.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+        r = reply(cached, tok, messages, args.max_new_tokens)
         print(f"Q: {question}\n   documents: {', '.join(ranked)}")
-        print(f"A: {answer}")
-        print(f"   [reused {cached.stats.reused_tokens - before:,} of {prompt_len:,} prompt tokens; {seconds:.1f} s]\n")
+        print(f"A: {r.text}")
+        print(f"   [reused {r.reused_tokens:,} of {r.prompt_tokens:,} prompt tokens; {r.seconds:.1f} s]\n")
     return 0
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixkv import DEFAULT_EVICTION, EvictionPolicy, KVSpec, PrefixCache, PrefixMatch, RedisOptions
+from radixkv import KVSpec, PrefixCache, PrefixMatch
+from radixkv.cache import CacheOptions
 from radixkv.hashing import namespace_key
 
 from ._hf_fingerprint import model_fingerprint
@@ -33,6 +34,9 @@ from ._hf_support import (
     model_unsupported_reason,
 )
 from ._hf_weights import WeightsWatch
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CACHE_KWARG", "DEFAULT_CPU_MEMORY_FRACTION", "DEFAULT_CUDA_FREE_FRACTION", "DEFAULT_MIN_CAPACITY_TOKENS",
            "DEFAULT_WEIGHTS_FRACTION", "AdapterStats", "CachedModel", "UncachedWarning", "default_capacity_tokens",
@@ -123,25 +127,12 @@ class CachedModel:
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        capacity_tokens: int | None = None,
-        capacity_bytes: int | None = None,
-        block_size: int = 16,
-        eviction: str | EvictionPolicy = DEFAULT_EVICTION,
-        shares: Mapping[object, float] | None = None,
-        host_capacity_tokens: int | None = None,
-        disk_path: str | os.PathLike[str] | None = None,
-        disk_capacity_bytes: int | None = None,
-        shared: str | RedisOptions | None = None,
-        shared_model: str | None = None,
-        reuse_generated: bool | None = None,
-        kv_dtype: str | None = None,
-    ) -> None:
+    def __init__(self, model: Any, *, reuse_generated: bool | None = None, **options: Unpack[CacheOptions]) -> None:
         if reuse_generated is not None and not isinstance(reuse_generated, bool):
             raise TypeError(f"reuse_generated must be None, True or False, got {reuse_generated!r}")
+        unknown = sorted(set(options) - set(CacheOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: wrap takes reuse_generated and PrefixCache's")
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
         if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
@@ -164,30 +155,18 @@ class CachedModel:
                 self.unsupported_reason = str(exc)
         if self._model_kv is not None:
             spec = self._model_kv.spec
-            if capacity_tokens is None and capacity_bytes is None:
-                capacity_tokens = default_capacity_tokens(model, spec)
+            if options.get("capacity_tokens") is None and options.get("capacity_bytes") is None:
+                options["capacity_tokens"] = default_capacity_tokens(model, spec)
             # With lower tiers, entries are keyed by what the weights are, not by this process's
             # epoch count: disk and Redis entries outlive the process (and Redis entries are read
             # by other replicas), and no one may mistake another model's (or changed weights')
             # KV for its own. The Redis keys also carry the fingerprint as wrapped.
-            if host_capacity_tokens or disk_path is not None or shared is not None:
+            shared = options.get("shared")
+            if options.get("host_capacity_tokens") or options.get("disk_path") is not None or shared is not None:
                 fingerprint = model_fingerprint(model)
-            if shared is not None and shared_model is None:
-                shared_model = f"radixkv-hf:{fingerprint.hex()}"
-            self.cache = PrefixCache(
-                spec,
-                capacity_tokens=capacity_tokens,
-                capacity_bytes=capacity_bytes,
-                block_size=block_size,
-                eviction=eviction,
-                shares=shares,
-                host_capacity_tokens=host_capacity_tokens,
-                disk_path=disk_path,
-                disk_capacity_bytes=disk_capacity_bytes,
-                shared=shared,
-                shared_model=shared_model,
-                kv_dtype=kv_dtype,
-            )
+            if shared is not None and options.get("shared_model") is None:
+                options["shared_model"] = f"radixkv-hf:{fingerprint.hex()}"
+            self.cache = PrefixCache(spec, **options)
         self._fingerprint: bytes | None = fingerprint if self.cache is not None else None
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
@@ -405,22 +384,7 @@ def _physical_memory() -> int | None:
         return None
 
 
-def wrap(
-    model: Any,
-    *,
-    capacity_tokens: int | None = None,
-    capacity_bytes: int | None = None,
-    block_size: int = 16,
-    eviction: str | EvictionPolicy = DEFAULT_EVICTION,
-    shares: Mapping[object, float] | None = None,
-    host_capacity_tokens: int | None = None,
-    disk_path: str | os.PathLike[str] | None = None,
-    disk_capacity_bytes: int | None = None,
-    shared: str | RedisOptions | None = None,
-    shared_model: str | None = None,
-    reuse_generated: bool | None = None,
-    kv_dtype: str | None = None,
-) -> CachedModel:
+def wrap(model: Any, *, reuse_generated: bool | None = None, **options: Unpack[CacheOptions]) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes`; the pool is allocated and zeroed
@@ -452,18 +416,4 @@ def wrap(
     raises SharedTierError here; an unreachable server warns once and the local cache serves
     alone until it is back.
     """
-    return CachedModel(
-        model,
-        capacity_tokens=capacity_tokens,
-        capacity_bytes=capacity_bytes,
-        block_size=block_size,
-        eviction=eviction,
-        shares=shares,
-        reuse_generated=reuse_generated,
-        host_capacity_tokens=host_capacity_tokens,
-        disk_path=disk_path,
-        disk_capacity_bytes=disk_capacity_bytes,
-        shared=shared,
-        shared_model=shared_model,
-        kv_dtype=kv_dtype,
-    )
+    return CachedModel(model, reuse_generated=reuse_generated, **options)

@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -20,12 +20,29 @@ from .policy import EvictionPolicy
 from .pool import KVPool, LayerKV
 from .quant import KVQuantizer, kv_bytes_per_token, make_quantizer
 from .spec import KVSpec
-from .tiers import Tiers, TierStats
+from .tiers import CacheSide, Tiers, TierStats
 from .tokens import TokenIds, as_token_list
-from .tree import Node, RadixTree, Tenant
+from .tree import Hold, Node, RadixTree, Tenant
 
 if TYPE_CHECKING:
     from .redis_tier import RedisOptions, RedisStats, RedisTier
+
+
+class CacheOptions(TypedDict, total=False):
+    """PrefixCache's keyword arguments, for wrappers that pass them through (radixkv.wrap); each
+    is documented on PrefixCache."""
+
+    capacity_tokens: int | None
+    capacity_bytes: int | None
+    block_size: int
+    eviction: str | EvictionPolicy
+    host_capacity_tokens: int | None
+    disk_path: str | os.PathLike[str] | None
+    disk_capacity_bytes: int | None
+    shared: str | RedisOptions | None
+    shared_model: str | bytes | None
+    shares: Mapping[object, float] | None
+    kv_dtype: str | None
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,8 @@ class CacheStats:
 
     cached_tokens: in the tree. locked_tokens: held by live matches (a subset of cached, plus
     blocks of matches that outlived a `clear`). free_tokens: in no one's hands.
-    free_tokens + cached_tokens + (locked tokens no longer in the tree) == capacity_tokens.
+    free_tokens + cached_tokens + (locked tokens no longer in the tree) + (tokens that inserts
+    in other threads are copying right now) == capacity_tokens.
     """
 
     lookups: int
@@ -148,8 +166,11 @@ class PrefixCache:
     """A radix-tree prefix cache over token ids with a preallocated, paged KV pool.
 
     Contract:
+      - Token ids (`token_ids` of match and insert): a list or tuple of ints, or a 1-D integer
+        tensor or ndarray.
       - `match(ids)` returns the longest cached whole-block prefix and locks it; locked blocks
-        are never evicted or rewritten until `release(match)` (or the match's `with` exits).
+        are never evicted or rewritten until `release(match)` (or the match's `with` exits);
+        releasing twice raises ValueError.
       - `gather(match)` copies the matched KV out: per layer (K, V) `[1, H, num_tokens, D]`.
       - `insert(ids, kv)` stores the whole blocks not yet cached, reusing cached ones untouched;
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
@@ -161,7 +182,8 @@ class PrefixCache:
         different outputs than without the cache. The lower and shared tiers then keep the
         quantised blocks as stored (bit for bit) under a fingerprint naming the kv_dtype.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
-        The default, DEFAULT_EVICTION ("reuse"), is LRU until reuse is seen, then learned reuse odds.
+        The default, DEFAULT_EVICTION ("adaptive"), is LRU, taking the learned reuse order only
+        while a sampled miniature replay shows it winning (radixkv.adaptive.Adaptive).
       - Entries in different namespaces never share nodes or blocks.
       - `shares={tenant: fraction}` guarantees each listed tenant that fraction of the blocks;
         unlisted tenants share the rest. Under pressure, blocks go first from tenants above their
@@ -171,8 +193,10 @@ class PrefixCache:
         `shares`, one order over all leaves, as the policy says. `stats.namespaces` has each
         tenant's cached, query and hit tokens.
       - Bad arguments raise ValueError/TypeError naming the argument; nothing changes then.
-      - All methods are thread-safe (one lock around bookkeeping; `gather` copies locked blocks
-        outside it). `clear()` empties the tree; blocks of live matches stay valid until released.
+      - All methods are thread-safe: one lock around bookkeeping, and no KV copy of `match`,
+        `insert` or `gather` under it (gather reads locked blocks; insert writes blocks no one
+        can reach yet), so lookups never wait behind a copy. `clear()` empties the tree; blocks
+        of live matches stay valid until released.
       - Lower tiers (optional; without them nothing changes): `host_capacity_tokens` keeps
         evicted blocks in host memory, `disk_path` + `disk_capacity_bytes` keeps what leaves
         the host (or the pool, without a host tier) in files that later processes reuse.
@@ -188,8 +212,18 @@ class PrefixCache:
         `close()` stops the writer; `clear()` leaves Redis as it is. Server trouble never raises
         from match or insert (it is counted in `shared_stats`); a refused password raises at
         construction. See RedisTier.
-    Costs: match O(matched tokens) in C plus O(depth) Python steps; insert adds O(new blocks)
-    for hashing and one copy per layer; eviction O(log leaves) per leaf touched.
+    Costs: match O(matched tokens) in C plus O(depth) Python steps, under the lock, plus the
+    policy's hit hook per matched node (the default "adaptive" replays sampled blocks in Python:
+    a few steps per matched block in caches up to 2,048 blocks, per sampled block above: a
+    fraction 2,048 / capacity, at least 1%). insert takes
+    the lock twice: first O(depth + matched tokens) to find what is new, O(new blocks) hashing,
+    the evictions it needs and the allocation (the path it extends stays locked); then, without
+    the lock, one copy per layer for K and V into the new blocks (and the Redis write-through's
+    copy); then O(depth + new tokens) to attach them, where blocks another thread stored in the
+    meantime keep that thread's copy and this one's go back to the free list. Until then the
+    new blocks are neither free nor cached, and not matchable. An insert with nothing new (or
+    no room) takes the lock once. Eviction O(log leaves) per leaf touched; promotions from the
+    lower tiers copy under the lock (disk and Redis reads do not).
     Edge cases: `evict(0)` and inserts shorter than one block do nothing; a match never
     exceeds the query, so callers that must compute one token pass `ids[:-1]`.
     """
@@ -244,10 +278,12 @@ class PrefixCache:
         self._tree = RadixTree(block_size, self.policy, share_blocks or None, rest)
         self._lock = threading.RLock()
         self._live: dict[int, PrefixMatch] = {}
+        self._writes: dict[int, _Write] = {}  # inserts copying KV outside the lock, by id
         self._next_match = 0
         self._tiers: Tiers | None = None
         if host_blocks or disk_path is not None:
-            self._tiers = Tiers(self, host_blocks, disk_path, disk_capacity_bytes)
+            side = CacheSide(self._lock, self._pool, self._tree.peek, self._promote, self._take_match)
+            self._tiers = Tiers(side, host_blocks, disk_path, disk_capacity_bytes)
             self._tree.on_evict = self._tiers.demote
         self._shared: RedisTier | None = None
         if shared is not None:
@@ -342,7 +378,7 @@ class PrefixCache:
         with self._lock:
             self._tree.tenant(tenant_key, tenant_name, ns_key)  # the namespace's owner, for the counters
             if self._tiers is None:  # one lock round trip on the common path
-                m = self._match_locked(ids, ns_key, namespace)
+                m = self._take_match(ids, ns_key, namespace)
         if self._tiers is not None:  # takes the lock itself, and not across disk reads
             m = self._tiers.match(ids, packed, ns_key, namespace)
         if self._shared is not None and m.num_tokens < len(ids) // self.block_size * self.block_size:
@@ -374,85 +410,75 @@ class PrefixCache:
         if k == 0:
             return m
         with self._lock:
-            promoted = self._promote_shared(ids, ns_key, start, hashes[:k], kv)
-            # The longer match replaces m; the lookup is counted once.
-            self._lookups -= 1
-            self._query_tokens -= len(ids)
-            self._hit_tokens -= m.num_tokens
-            owner = self._tree.owner_of(ns_key)
-            owner.query_tokens -= len(ids)
-            owner.hit_tokens -= m.num_tokens
-            longer = self._match_locked(ids, ns_key, namespace, m.host_tokens, m.disk_tokens)
+            promoted, missed = self._promote(ids, ns_key, start, hashes[:k], kv)
+            self._dropped_tokens += missed * bs
+            longer = self._take_match(ids, ns_key, namespace, m.host_tokens, m.disk_tokens, replaces=m)
             longer.shared_tokens = min(promoted * bs, longer.num_tokens - m.num_tokens)
             self.release(m)
         if self._tiers is not None:
             self._tiers.flush()  # disk writes of what the promotion demoted, without the lock
         return longer
 
-    def _promote_shared(self, ids: list[int], ns_key: bytes, start: int, hashes: list[int], kv: torch.Tensor) -> int:
-        """Attach blocks [start, start + len(hashes)) of `ids` with KV `kv` (lock held), past
-        whatever the tree holds of them by now; returns the blocks written into the pool."""
+    def _promote(
+        self, ids: list[int], ns_key: bytes, start: int, hashes: list[int], blocks: torch.Tensor
+    ) -> tuple[int, int]:
+        """Attach blocks [start, start + len(hashes)) of `ids`, their KV `blocks` in the pool's
+        stored form `[n, L, 2, H, bs, D or W]`, past whatever the tree holds of them by now (lock
+        held). Evicts for the namespace's tenant; returns (blocks attached, blocks that did not
+        fit). The promotion of every lower tier (host, disk, Redis) goes through here."""
         tree, bs, n = self._tree, self.block_size, len(hashes)
-        root = tree.get_root(ns_key, root_hash(ns_key), create=True)
-        assert root is not None
-        root.lock_ref += 1  # pin the namespace and the path while evicting, as insert does
+        skip = tree.peek(ns_key, ids, start + n)[1] - start  # blocks another thread stored meanwhile
+        if skip >= n or skip < 0:  # skip < 0: a clear() detached the path; nothing to extend
+            return 0, 0
+        held = tree.hold(ns_key, ids, start + n)  # the same node: nothing changed since the peek
         try:
-            node, matched = tree.descend(root, ids, start + n)
-            skip = matched - start  # blocks another thread stored meanwhile
-            if skip >= n or skip < 0:  # skip < 0: a clear() detached m's path; nothing to extend
-                return 0
-            tree.acquire(node, hit=False)
+            want = n - skip
+            short = want - self._blocks.num_free
+            if short > 0:
+                self._evict_blocks(short, held.root.owner)
+            take = min(want, self._blocks.num_free)
+            if take == 0:
+                return 0, want
+            block_ids = self._blocks.allocate(take)
             try:
-                want = n - skip
-                short = want - self._blocks.num_free
-                if short > 0:
-                    self._evict_blocks(short, root.owner)
-                take = min(want, self._blocks.num_free)
-                self._dropped_tokens += (want - take) * bs
-                if take == 0:
-                    return 0
-                block_ids = self._blocks.allocate(take)
-                try:
-                    self._pool.write_blocks(block_ids, kv[skip : skip + take])
-                except BaseException:
-                    self._blocks.free(block_ids)
-                    raise
-                tree.attach(node, ids[matched * bs : (matched + take) * bs], block_ids, hashes[skip : skip + take], 0)
-                return take
-            finally:
-                self._blocks.free(tree.release(node))
+                self._pool.write_blocks(block_ids, blocks[skip : skip + take])
+            except BaseException:
+                self._blocks.free(block_ids)  # never linked: nothing half-written is reachable
+                raise
+            new_tokens = ids[held.matched * bs : (held.matched + take) * bs]
+            tree.attach(held.node, new_tokens, block_ids, hashes[skip : skip + take], 0)
+            return take, want - take
         finally:
-            root.lock_ref -= 1
-            tree.drop_root_if_empty(root)
+            self._blocks.free(tree.unhold(held))
 
-    def _match_locked(
-        self, ids: list[int], ns_key: bytes, namespace: object, host_tokens: int = 0, disk_tokens: int = 0
+    def _take_match(
+        self,
+        ids: list[int],
+        ns_key: bytes,
+        namespace: object,
+        host_tokens: int = 0,
+        disk_tokens: int = 0,
+        replaces: PrefixMatch | None = None,
     ) -> PrefixMatch:
-        """The device match (lock held); the tiers pass what they promoted for it."""
-        self._lookups += 1
-        self._query_tokens += len(ids)
+        """The device match (lock held), counted as a lookup; the tiers pass what they promoted
+        for it. `replaces`: an earlier match of the same lookup that this one supersedes (the
+        lookup stays counted once; only the hit tokens it adds are counted)."""
         owner = self._tree.owner_of(ns_key)
-        owner.query_tokens += len(ids)
-        self._tree.tick()
-        root = self._tree.get_root(ns_key, 0, create=False)
-        node: Node | None = None
-        block_ids: list[int] = []
-        hashes: list[int] = []
-        if root is not None:
-            deepest, matched = self._tree.descend(root, ids, len(ids) // self.block_size)
-            if matched:
-                node = deepest
-                self._tree.acquire(node, hit=True)
-                for n in RadixTree.path(node):
-                    block_ids += n.block_ids
-                    hashes += n.block_hashes
-        num_tokens = len(block_ids) * self.block_size
-        self._hit_tokens += num_tokens
-        owner.hit_tokens += num_tokens
+        found = self._tree.lookup(ns_key, ids, len(ids) // self.block_size)
+        num_tokens = len(found.block_ids) * self.block_size
+        if replaces is None:
+            self._lookups += 1
+            self._query_tokens += len(ids)
+            owner.query_tokens += len(ids)
+            hit = num_tokens
+        else:
+            hit = num_tokens - replaces.num_tokens
+        self._hit_tokens += hit
+        owner.hit_tokens += hit
         self._next_match += 1
         m = PrefixMatch(
-            self, node, tuple(block_ids), tuple(hashes), num_tokens, namespace, self._next_match,
-            host_tokens, disk_tokens,
+            self, found.node, tuple(found.block_ids), tuple(found.block_hashes), num_tokens, namespace,
+            self._next_match, host_tokens, disk_tokens,
         )  # fmt: skip
         self._live[m._id] = m
         return m
@@ -511,79 +537,101 @@ class PrefixCache:
         n_full = len(ids) // bs
         if n_full == 0:
             return 0
-        with self._lock:
-            tree = self._tree
-            now = tree.tick()
-            owner = tree.tenant(tenant_key, tenant_name, ns_key)
-            root = tree.get_root(ns_key, root_hash(ns_key), create=True, owner=owner)
-            assert root is not None
-            # Pin the root and lock the path, so that the eviction this insert may trigger
-            # cannot remove the node it extends (or forget the namespace).
-            root.lock_ref += 1
-            try:
-                node, matched = tree.descend(root, ids, n_full)
-                tree.acquire(node, hit=False, priority=priority)
-                try:
-                    stored = self._store(node, ids, packed, kv, matched, n_full, priority, now, ns_key)
-                finally:
-                    tree.release(node)
-            finally:
-                root.lock_ref -= 1
-                tree.drop_root_if_empty(root)
-            self._inserted_tokens += stored * bs
+        w: _Write | None = None
+        copied = False
+        stored = 0
+        try:
+            with self._lock:
+                w = self._reserve(ids, packed, kv, n_full, ns_key, tenant_key, tenant_name, priority)
+            if w is not None:
+                # Outside the lock: the reserved blocks are unreachable until attached and the
+                # path they extend is locked, so no other thread reads, evicts or reuses them.
+                self._pool.write(w.block_ids, kv, w.held.matched * bs)
+                shared = self._shared  # read once: close() may drop it from another thread
+                if shared is not None:
+                    # Write-through, taken from the blocks just written, only if the queue has
+                    # room; the writer thread serialises and sends it.
+                    pool, block_ids = self._pool, w.block_ids
+                    read = lambda: pool.read_blocks(block_ids).to("cpu")  # noqa: E731
+                    shared.write(ns_key, w.parent_hash, w.hashes, w.tokens, read)
+                copied = True
+        finally:
+            if w is not None:
+                with self._lock:
+                    stored = self._attach(w, copied)
         if self._tiers is not None:
             self._tiers.flush()  # disk writes of what the insert demoted, without the lock
         return stored * bs
 
-    def _store(
+    def _reserve(
         self,
-        node: Node,
         ids: list[int],
         packed: array,
         kv: Sequence[LayerKV],
-        matched: int,
         n_full: int,
-        priority: int,
-        now: int,
         ns_key: bytes,
-    ) -> int:
-        """Write blocks [matched, n_full) (or the prefix of them that fits) under `node`."""
-        bs = self.block_size
-        if matched == n_full:
-            return 0
-        new_tokens = ids[matched * bs : n_full * bs]
-        hashes = chain_hashes(node.last_hash, memoryview(packed)[matched * bs : n_full * bs], bs)
-        want = len(hashes)
-        short = want - self._blocks.num_free
-        if short > 0:
-            self._evict_blocks(short, node.owner)
-        take = min(want, self._blocks.num_free)
-        self._dropped_tokens += (want - take) * bs
-        if take < want and self._tiers is not None:  # no room in the pool: keep the rest below
-            prev = hashes[take - 1] if take else node.last_hash
-            self._tiers.store_below(
-                node, prev, hashes[take:want], new_tokens[take * bs : want * bs], kv, matched + take
-            )
-        if take == 0:
-            return 0
-        block_ids = self._blocks.allocate(take)
+        tenant_key: bytes,
+        tenant_name: object,
+        priority: int,
+    ) -> _Write | None:
+        """An insert's first step (lock held): find what is new, evict room for it, allocate the
+        blocks and lock the path they extend. None when there is nothing to copy."""
+        tree, bs = self._tree, self.block_size
+        owner = tree.tenant(tenant_key, tenant_name, ns_key)
+        # The hold pins the root and locks the path, so that the eviction this insert may
+        # trigger (or any other thread's) cannot remove the node it extends.
+        held = tree.hold(ns_key, ids, n_full, owner, priority, tick=True)
         try:
-            self._pool.write(block_ids, kv, matched * bs)
+            node, matched = held.node, held.matched
+            if matched == n_full:
+                self._blocks.free(tree.unhold(held))
+                return None
+            new_tokens = ids[matched * bs : n_full * bs]
+            hashes = chain_hashes(node.last_hash, memoryview(packed)[matched * bs : n_full * bs], bs)
+            want = len(hashes)
+            short = want - self._blocks.num_free
+            if short > 0:
+                self._evict_blocks(short, node.owner)
+            take = min(want, self._blocks.num_free)
+            self._dropped_tokens += (want - take) * bs
+            if take < want and self._tiers is not None:  # no room in the pool: keep the rest below
+                prev = hashes[take - 1] if take else node.last_hash
+                self._tiers.store_below(
+                    node, prev, hashes[take:want], new_tokens[take * bs : want * bs], kv, matched + take
+                )
+            if take == 0:
+                self._blocks.free(tree.unhold(held))
+                return None
+            block_ids = self._blocks.allocate(take)
         except BaseException:
-            self._blocks.free(block_ids)  # never linked: nothing half-written is reachable
+            self._blocks.free(tree.unhold(held))
             raise
-        parent_hash = node.last_hash
-        self._tree.attach(node, new_tokens[: take * bs], block_ids, hashes[:take], priority)
-        shared = self._shared  # read once: close() may drop it from another thread
-        if shared is not None:
-            # Write-through: the copy is taken now (under the lock, before the blocks can be
-            # evicted), only if the queue has room; the writer thread serialises and sends it.
-            pool = self._pool
-            shared.write(
-                ns_key, parent_hash, hashes[:take], new_tokens[: take * bs],
-                lambda: pool.read_blocks(block_ids).to("cpu"),
-            )  # fmt: skip
-        return take
+        self._next_match += 1
+        w = _Write(self._next_match, held, block_ids, hashes[:take], new_tokens[: take * bs], priority, node.last_hash)
+        self._writes[w.id] = w
+        return w
+
+    def _attach(self, w: _Write, copied: bool) -> int:
+        """An insert's last step (lock held): link the copied blocks under the held node, or give
+        them back when the copy failed. Blocks another thread stored meanwhile (an insert of the
+        same prefix) are kept as that thread linked them and this insert's copies go back, as do
+        all of them when a `clear` detached the path. Returns the blocks newly stored."""
+        tree, bs = self._tree, self.block_size
+        del self._writes[w.id]
+        block_ids, stored = w.block_ids, 0
+        try:
+            node = w.held.node
+            if copied and not node.detached:
+                n = len(block_ids)
+                parent, dup = tree.descend(node, w.tokens, n)
+                if dup < n:
+                    tree.attach(parent, w.tokens[dup * bs :], block_ids[dup:], w.hashes[dup:], w.priority)
+                block_ids, stored = block_ids[:dup], n - dup
+                self._inserted_tokens += stored * bs
+        finally:
+            self._blocks.free(block_ids)
+            self._blocks.free(tree.unhold(w.held))
+        return stored
 
     def _check_kv(self, kv: object, num_tokens: int) -> None:
         spec = self.spec
@@ -644,36 +692,23 @@ class PrefixCache:
         with self._lock:
             tree = self._tree
             tree.check()
-            # Locks: each node's lock_ref equals the number of live matches whose path has it.
-            locks: dict[int, int] = {}
-            on_paths: dict[int, Node] = {}
+            ends: list[Node] = []
             for m in self._live.values():
                 assert not m._released, f"{m} is released but still registered"
                 if m._node is None:
                     assert m.num_tokens == 0 and not m.block_ids, f"{m} has blocks but no node"
                     continue
-                path = RadixTree.path(m._node)
-                assert len({n.detached for n in path}) == 1, f"{m} has a path that is partly detached"
-                assert list(m.block_ids) == [b for n in path for b in n.block_ids], (
-                    f"{m} no longer matches its path's blocks"
-                )
+                block_ids, _ = tree.blocks_along(m._node)
+                assert list(m.block_ids) == block_ids, f"{m} no longer matches its path's blocks"
                 assert len(m.block_ids) * self.block_size == m.num_tokens, f"{m} counts tokens wrongly"
-                for n in path:
-                    locks[n.uid] = locks.get(n.uid, 0) + 1
-                    on_paths[n.uid] = n
-            for node in tree.iter_nodes():
-                want = locks.get(node.uid, 0)
-                assert node.lock_ref == want, f"{node} has lock_ref {node.lock_ref}, live matches give {want}"
-            detached = [n for n in on_paths.values() if n.detached]
-            for n in detached:
-                assert n.lock_ref == locks[n.uid], f"detached {n} has lock_ref {n.lock_ref}, expected {locks[n.uid]}"
-            locked = sum(len(n.block_ids) for n in on_paths.values())
-            assert locked == tree.num_locked_blocks, (
-                f"{tree.num_locked_blocks} blocks counted locked, live matches lock {locked}"
-            )
-            # Accounting: free + in the tree + held only by matches that outlived a clear == all.
-            held = [b for n in tree.iter_nodes() for b in n.block_ids]
-            held += [b for n in detached for b in n.block_ids]
+                ends.append(m._node)
+            ends += [w.held.node for w in self._writes.values() if w.held.node.parent is not None]
+            # Locks: each node's lock_ref is the live matches and in-flight inserts through it.
+            held = tree.check_locks(ends, [w.held.root for w in self._writes.values()])
+            # Accounting: free + in the tree + held only by matches that outlived a clear + being
+            # written by inserts in flight == all.
+            held += [b for n in tree.iter_nodes() for b in n.block_ids]
+            held += [b for w in self._writes.values() for b in w.block_ids]
             self._blocks.check(held)
             # Hash chain: recompute every block's hash from its parent and its tokens.
             for node in tree.iter_nodes():
@@ -685,14 +720,32 @@ class PrefixCache:
                 self._tiers.check()
 
     def refcount(self, block_id: int) -> int:
-        """Holders of a block: 1 for the tree (if cached) + live matches covering it. O(nodes)."""
+        """Holders of a block: 1 for the tree (if cached) + live matches and in-flight inserts whose
+        path covers it. O(nodes)."""
         with self._lock:
+            ends = [m._node for m in self._live.values() if m._node is not None]
+            ends += [w.held.node for w in self._writes.values()]
             nodes = list(self._tree.iter_nodes())
-            nodes += [n for m in self._live.values() if m._node is not None for n in RadixTree.path(m._node)]
+            nodes += [n for end in ends for n in RadixTree.path(end)]
             for node in {n.uid: n for n in nodes}.values():
                 if block_id in node.block_ids:
                     return (0 if node.detached else 1) + node.lock_ref
             return 0
+
+
+@dataclass(frozen=True)
+class _Write:
+    """An insert between reserving its blocks and attaching them: `held` pins its namespace
+    and locks the path the run extends; `block_ids` (allocated, unreachable) receive the KV of
+    `tokens`, whose chain `hashes` starts from `parent_hash`."""
+
+    id: int
+    held: Hold
+    block_ids: list[int]
+    hashes: list[int]
+    tokens: list[int]
+    priority: int
+    parent_hash: int
 
 
 def _keys(namespace: object, tenant: object) -> tuple[bytes, bytes, object]:

@@ -20,7 +20,16 @@ import torch
 import xxhash
 
 from .hashing import chain_hashes
-from .kv_codec import FIXED, FORMAT_VERSION, MAGIC, SpecFingerprint, decode_header, encode_header, rest_length
+from .kv_codec import (
+    FIXED,
+    FORMAT_VERSION,
+    MAGIC,
+    BlockFormat,
+    SpecFingerprint,
+    decode_header,
+    encode_header,
+    rest_length,
+)
 from .quant import KVQuantizer
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "SUFFIX", "DiskTier", "SpecFingerprint", "TierWarning"]
@@ -34,6 +43,16 @@ _FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, err
 
 class TierWarning(RuntimeWarning):
     """A lower tier skipped a file, or turned itself off; serving goes on without it."""
+
+
+def warn_once(warned: set[str], lock: threading.Lock, kind: str, message: str, stacklevel: int) -> None:
+    """A TierWarning of `kind`, unless `warned` (guarded by `lock`) says one was given already.
+    `stacklevel` counts from the caller, as for `warnings.warn`."""
+    with lock:
+        if kind in warned:
+            return
+        warned.add(kind)
+    warnings.warn(message, TierWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass
@@ -120,12 +139,8 @@ class DiskTier:
         except OSError as exc:
             raise ValueError(f"disk_path={str(self.path)!r} cannot be created: {exc}") from exc
         self.capacity_bytes = capacity_bytes
-        # quantizer: the pool's (None: exact); blocks are then stored as its codes and scales, in
-        # bytes, and the fingerprint names its kv_dtype so exact and quantised runs never meet.
-        self.fingerprint = SpecFingerprint.of(spec, block_size, quantizer)
+        self.fingerprint, self.dtype, self.block_bytes = BlockFormat.of(spec, block_size, quantizer)
         self.block_size = block_size
-        self.dtype = spec.dtype if quantizer is None else torch.uint8
-        self.block_bytes = self.fingerprint.block_bytes(spec.element_size)
         self.stats = DiskStats()
         self._lock = threading.Lock()
         self._files: OrderedDict[str, _File] = OrderedDict()  # least recently used first
@@ -449,11 +464,7 @@ class DiskTier:
         _unlink_quietly(entry.path)
 
     def _warn_once(self, kind: str, message: str) -> None:
-        with self._lock:
-            if kind in self._warned:
-                return
-            self._warned.add(kind)
-        warnings.warn(message, TierWarning, stacklevel=4)
+        warn_once(self._warned, self._lock, kind, message, stacklevel=4)
 
 
 def _unlink_quietly(path: str | os.PathLike[str]) -> None:

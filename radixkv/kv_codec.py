@@ -20,7 +20,9 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 import xxhash
 
 from .quant import KVQuantizer
@@ -91,6 +93,22 @@ class SpecFingerprint:
     def tag(self) -> str:
         """A short, stable text form for keys: `L12-H4-D64-bfloat16-b16` (`-bfloat16-int8-` quantised)."""
         return f"L{self.num_layers}-H{self.num_kv_heads}-D{self.head_dim}-{self.stored_dtype}-b{self.block_size}"
+
+
+class BlockFormat(NamedTuple):
+    """How the disk and Redis tiers store one pool's blocks: the fingerprint their headers and
+    keys carry, the dtype of a block tensor, and one block's payload bytes."""
+
+    fingerprint: SpecFingerprint
+    dtype: torch.dtype
+    block_bytes: int
+
+    @classmethod
+    def of(cls, spec: KVSpec, block_size: int, quantizer: KVQuantizer | None = None) -> BlockFormat:
+        """`quantizer`: the pool's (None: exact); blocks are then stored as its codes and scales,
+        in bytes, and the fingerprint names its kv_dtype so exact and quantised runs never meet."""
+        fp = SpecFingerprint.of(spec, block_size, quantizer)
+        return cls(fp, spec.dtype if quantizer is None else torch.uint8, fp.block_bytes(spec.element_size))
 
 
 @dataclass(frozen=True)

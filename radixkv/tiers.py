@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -13,18 +13,19 @@ import torch
 import xxhash
 
 from .disk_tier import DiskTier
-from .hashing import root_hash
 from .host_tier import HostTier, Run
-from .pool import LayerKV
+from .pool import KVPool, LayerKV
 
 if TYPE_CHECKING:
-    from .cache import PrefixCache, PrefixMatch
+    from .cache import PrefixMatch
     from .tree import Node
 
 MIN_HOST_LOAD_TOKENS = 1
 """A host hit of at least this many tokens is promoted (a memory copy beats any recompute)."""
-MIN_DISK_LOAD_TOKENS = 64
-"""A disk hit shorter than this is recomputed instead: a file open costs more than a few tokens."""
+MIN_DISK_LOAD_TOKENS = 16
+"""A disk hit shorter than this is recomputed instead. Loading even 16 tokens beat recomputing
+them on the 100M-parameter models measured on a CPU (1.26x; 2-4x from 48 tokens); only a model
+whose forward takes a few ms (the tiny test preset) recomputed 16 tokens faster (0.78x)."""
 _WAIT_SECONDS = 60.0  # a thread waiting on another's load of the same prefix gives up after this
 
 
@@ -55,6 +56,29 @@ class TierStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class CacheSide:
+    """The part of a PrefixCache that its Tiers use, and nothing more (the cache builds it).
+
+    `lock`: the cache lock; the three calls below need it held. `pool`: the device pool, read
+    (`read_blocks`) and encoded for (`encode_blocks`) on demotion.
+    `peek(ns_key, ids, max_blocks) -> (prev, matched)`: the device prefix of `ids` in blocks
+    and the hash its continuation chains from; locks, counts and ticks nothing.
+    `promote(ids, ns_key, start, hashes, blocks) -> (attached, missed)`: attach blocks
+    `[start, start + len(hashes))` of `ids` with KV `blocks` (`read_blocks`'s layout) past what
+    the device holds of them, evicting for the namespace's tenant; `missed`: blocks that did
+    not fit (the pool full of locked blocks).
+    `take_match(ids, ns_key, namespace, host_tokens, disk_tokens) -> PrefixMatch`: the device
+    match, counted as the lookup, with the tokens the tiers promoted for it.
+    """
+
+    lock: threading.RLock
+    pool: KVPool
+    peek: Callable[[bytes, list[int], int], tuple[int, int]]
+    promote: Callable[[list[int], bytes, int, list[int], torch.Tensor], tuple[int, int]]
+    take_match: Callable[[list[int], bytes, object, int, int], PrefixMatch]
+
+
 class Tiers:
     """The host and disk tiers of one PrefixCache, and the moves between them and the pool.
 
@@ -67,20 +91,22 @@ class Tiers:
     asking for the same disk prefix at once wait for the first one's load instead of repeating
     it. A promotion that does not fit in the pool (locked blocks) stores the prefix that does.
     Every tier keeps blocks in the pool's stored form (KVPool.read_blocks): a quantised pool's
-    codes and scales move down and back up bit for bit, never re-quantised.
+    codes and scales move down and back up bit for bit, never re-quantised. The cache is
+    reached only through `CacheSide`; attaching promoted blocks is the cache's own `promote`,
+    the same one the Redis tier's promotions use.
     """
 
     def __init__(
         self,
-        cache: PrefixCache,
+        cache: CacheSide,
         host_blocks: int,
         disk_path: str | PathLike[str] | None,
         disk_capacity_bytes: int | None,
     ) -> None:
         self.cache = cache
-        spec, bs = cache.spec, cache.block_size
+        pool = cache.pool
+        spec, bs = pool.spec, pool.block_size
         pin = torch.device(spec.device).type == "cuda"
-        pool = cache._pool
         self.host = HostTier(spec, bs, host_blocks, pin=pin, stored_block=pool.stored_block) if host_blocks else None
         self.disk = (
             DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs, quantizer=pool.quantizer)
@@ -106,7 +132,7 @@ class Tiers:
 
     def stats(self) -> dict[str, TierStats]:
         out: dict[str, TierStats] = {}
-        bs = self.cache.block_size
+        bs = self.cache.pool.block_size
         if self.host is not None:
             h = self.host.stats
             out["host"] = TierStats(
@@ -141,7 +167,7 @@ class Tiers:
     # ----- demotion --------------------------------------------------------------------
     def demote(self, node: Node, first: int) -> None:
         """Blocks [first:] of `node` are being evicted (cache lock held): keep their KV below."""
-        cache, bs = self.cache, self.cache.block_size
+        pool, bs = self.cache.pool, self.cache.pool.block_size
         parent = node.parent
         assert parent is not None
         prev = node.block_hashes[first - 1] if first else parent.last_hash
@@ -150,7 +176,7 @@ class Tiers:
             root = root.parent
         hashes = node.block_hashes[first:]
         tokens = node.tokens[first * bs :]
-        blocks = cache._pool.read_blocks(node.block_ids[first:])  # [n, L, 2, H, bs, D]
+        blocks = pool.read_blocks(node.block_ids[first:])  # [n, L, 2, H, bs, D]
         if self.host is not None:
             self._demoted["host"] += len(hashes) * bs
             self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
@@ -163,13 +189,14 @@ class Tiers:
         """An insert found no room in the pool for blocks `hashes` (chained from `prev`, in
         `node`'s namespace; block i's KV starts at token `(first_block + i) * block_size` of
         `kv`): they go to the lower tiers directly instead of being dropped (cache lock held)."""
-        bs, spec = self.cache.block_size, self.cache.spec
+        pool = self.cache.pool
+        bs, spec = pool.block_size, pool.spec
         n = len(hashes)
         start, stop = first_block * bs, (first_block + n) * bs
         # per layer (K, V) [1, H, T, D] -> [L, 2, H, n * bs, D] -> [n, L, 2, H, bs, D]
         stacked = torch.stack([torch.stack((k[0, :, start:stop], v[0, :, start:stop])) for k, v in kv])
         blocks = stacked.view(spec.num_layers, 2, spec.num_kv_heads, n, bs, spec.head_dim).permute(3, 0, 1, 2, 4, 5)
-        blocks = self.cache._pool.encode_blocks(blocks)  # what the pool would store: quantised if it is
+        blocks = pool.encode_blocks(blocks)  # what the pool would store: quantised if it is
         root = node
         while root.parent is not None:
             root = root.parent
@@ -204,7 +231,7 @@ class Tiers:
     def match(self, ids: list[int], packed: object, ns_key: bytes, namespace: object) -> PrefixMatch:
         """The cache's `match` with lower tiers: promote, then take the device match."""
         cache = self.cache
-        bs = cache.block_size
+        bs = cache.pool.block_size
         n_q = len(ids) // bs
         raw = memoryview(packed).cast("B")  # type: ignore[arg-type]
         loaded: tuple[int, list[int], torch.Tensor] | None = None  # (first block, hashes, KV)
@@ -215,11 +242,8 @@ class Tiers:
             while True:
                 wait_on: threading.Event | None = None
                 read_plan: tuple[int, int, list[int]] | None = None
-                with cache._lock:
-                    tree = cache._tree
-                    root = tree.get_root(ns_key, 0, create=False)
-                    node, m = tree.descend(root, ids, n_q) if root is not None else (None, 0)
-                    prev = node.last_hash if node is not None else root_hash(ns_key)
+                with cache.lock:
+                    prev, m = cache.peek(ns_key, ids, n_q)
                     hashes = self._lower_chain(prev, raw, m, n_q)
                     host_n = 0
                     if self.host is not None and hashes:
@@ -241,8 +265,8 @@ class Tiers:
                             disk_prev = hashes[host_n - 1] if host_n else prev
                             read_plan = (m + host_n, disk_prev, hashes[host_n : host_n + disk_n])
                     else:
-                        host_tok, disk_tok = self._promote(node, m, prev, hashes, host_n, loaded, ids, ns_key)
-                        return cache._match_locked(ids, ns_key, namespace, host_tok, disk_tok)
+                        host_tok, disk_tok = self._promote(m, prev, hashes, host_n, loaded, ids, ns_key)
+                        return cache.take_match(ids, ns_key, namespace, host_tok, disk_tok)
                 # Outside the cache lock: wait for another thread's load, or read the files.
                 if wait_on is not None:
                     wait_on.wait(_WAIT_SECONDS)
@@ -258,7 +282,7 @@ class Tiers:
                     loaded = (start, want[: kv.shape[0]], kv)
         finally:
             if event is not None:
-                with cache._lock:
+                with cache.lock:
                     del self._loading[key]  # type: ignore[arg-type]
                 event.set()
             self.flush()
@@ -266,7 +290,7 @@ class Tiers:
     def _lower_chain(self, prev: int, raw: memoryview, start: int, stop: int) -> list[int]:
         """Chain hashes of blocks [start, stop) of the query, as long as a lower tier holds them:
         one xxh3 call and two dict lookups per block, and just one of each on a miss."""
-        step = 8 * self.cache.block_size
+        step = 8 * self.cache.pool.block_size
         host, disk = self.host, self.disk
         digest = xxhash.xxh3_64_intdigest
         out: list[int] = []
@@ -280,7 +304,6 @@ class Tiers:
 
     def _promote(
         self,
-        node: Node | None,
         m: int,
         prev: int,
         hashes: list[int],
@@ -289,9 +312,9 @@ class Tiers:
         ids: list[int],
         ns_key: bytes,
     ) -> tuple[int, int]:
-        """Copy the host run and the loaded disk run (where it still follows the device match)
-        into the pool under `node` (cache lock held). Returns tokens promoted from each tier."""
-        cache, tree, bs = self.cache, self.cache._tree, self.cache.block_size
+        """Copy the host run and the loaded disk run (where it still follows the device match of
+        `m` blocks) into the pool (cache lock held). Returns tokens promoted from each tier."""
+        cache, bs = self.cache, self.cache.pool.block_size
         disk_n = 0
         if loaded is not None and loaded[0] == m + host_n:
             disk_n = len(loaded[1])
@@ -301,46 +324,24 @@ class Tiers:
         if n == 0:
             return 0, 0
         t0 = time.perf_counter()
+        device = cache.pool.spec.device
         parts = []
         if host_n:
             assert self.host is not None
             parts.append(self.host.take(hashes[:host_n]))
         if disk_n:
             assert loaded is not None
-            parts.append(loaded[2][:disk_n].to(cache.spec.device))
-        blocks = parts[0] if len(parts) == 1 else torch.cat([p.to(cache.spec.device) for p in parts])
-        root = tree.get_root(ns_key, root_hash(ns_key), create=True)
-        assert root is not None
-        if node is None:
-            node = root
-        tokens = ids[m * bs : (m + n) * bs]
-        root.lock_ref += 1  # pin the namespace and the path, as insert does, while evicting
+            parts.append(loaded[2][:disk_n].to(device))
+        blocks = parts[0] if len(parts) == 1 else torch.cat([p.to(device) for p in parts])
+        take = 0
         try:
-            tree.acquire(node, hit=False)
-            try:
-                short = n - cache._blocks.num_free
-                if short > 0:
-                    cache._evict_blocks(short, root.owner)  # a promotion counts against its own tenant
-                take = min(n, cache._blocks.num_free)
-                if take:
-                    block_ids = cache._blocks.allocate(take)
-                    try:
-                        cache._pool.write_blocks(block_ids, blocks[:take])
-                    except BaseException:
-                        cache._blocks.free(block_ids)
-                        raise
-                    tree.attach(node, tokens[: take * bs], block_ids, hashes[:take], 0)
-                if take < host_n:  # what did not fit goes back where it was
-                    assert self.host is not None
-                    back_prev = hashes[take - 1] if take else prev
-                    self._queue(
-                        self.host.put(ns_key, back_prev, hashes[take:host_n], tokens[take * bs :], blocks[take:host_n])
-                    )
-            finally:
-                cache._blocks.free(tree.release(node))
+            take, _ = cache.promote(ids, ns_key, m, hashes[:n], blocks)  # a disk miss stays on disk
         finally:
-            root.lock_ref -= 1
-            tree.drop_root_if_empty(root)
+            if take < host_n:  # what did not fit (or failed to copy) goes back where it was
+                assert self.host is not None
+                back_prev = hashes[take - 1] if take else prev
+                tokens = ids[(m + take) * bs : (m + host_n) * bs]
+                self._queue(self.host.put(ns_key, back_prev, hashes[take:host_n], tokens, blocks[take:host_n]))
         host_tok = min(take, host_n) * bs
         disk_tok = max(0, take - host_n) * bs
         if host_tok:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
+from .hashing import root_hash
 from .policy import EvictionPolicy
 
 
@@ -51,8 +53,9 @@ class Node:
     """One edge of the tree: `len(block_ids)` whole blocks of tokens after its parent's path.
 
     `tokens` holds `len(block_ids) * block_size` ids. A namespace root has no blocks and no
-    parent. `lock_ref` counts live matches (and in-flight inserts) whose path includes the node.
-    `owner` is the tenant of the node's namespace (shared with its root).
+    parent. `lock_ref` counts live matches and in-flight inserts and promotions whose path
+    includes the node (on a root: its pins). `owner` is the tenant of the node's namespace
+    (shared with its root).
     """
 
     __slots__ = (
@@ -89,15 +92,40 @@ class Node:
         return f"Node(uid={self.uid}, blocks={len(self.block_ids)}, lock_ref={self.lock_ref})"
 
 
+class Found(NamedTuple):
+    """A lookup's result: the deepest matched node (None: nothing matched) and its path's blocks."""
+
+    node: Node | None
+    block_ids: list[int]
+    block_hashes: list[int]
+
+
+class Hold(NamedTuple):
+    """A pinned namespace root and a locked path to `node`, `matched` blocks deep (see `hold`)."""
+
+    root: Node
+    node: Node
+    matched: int
+
+
 class RadixTree:
     """Per-namespace radix trees, locks, and the ordered set of evictable leaves.
 
     Contract: `descend` finds the longest whole-block prefix and splits the node it ends in,
     so a path always ends at a node boundary. `acquire`/`release` lock and unlock a path (root
-    excluded); locked nodes are never evictable. `evict` removes tail blocks of the
+    excluded); locked nodes are never evictable. `pin`/`unpin` keep a namespace root (and so
+    the namespace) alive while nothing is under it yet. The facade's three uses of a path:
+    `lookup` (a match: ticks the clock, locks the path as a hit, lists its blocks), `hold` /
+    `unhold` (an insert or promotion: pin, descend, lock without a hit; an insert ticks) and
+    `peek` (where a lower tier continues: no lock, no tick). `evict` removes tail blocks of the
     smallest-keyed unlocked leaf until enough blocks are gone and returns their ids; a parent
-    becomes evictable when its last child goes. Costs: descend O(depth + matched tokens) in C
-    with O(depth) Python steps; each evictable-set update O(log leaves).
+    becomes evictable when its last child goes. `check` asserts the structure, `check_locks`
+    that every lock count is explained by the holders the caller names.
+    Costs: descend, lookup, hold and peek O(depth + matched tokens) in C with O(depth) Python
+    steps (lookup adds O(matched blocks) to list them); acquire/release O(depth); each
+    evictable-set update O(log leaves); check O(nodes + blocks + evictable leaves);
+    check_locks O(nodes + total held path length).
+    Not thread-safe on its own: the cache serialises calls.
 
     Shares (`shares`: tenant key -> guaranteed blocks; the tenants not listed share `rest`
     blocks): each listed tenant's leaves form a group of their own, the others one more group.
@@ -133,11 +161,7 @@ class RadixTree:
         # while their KV is still in the pool (the lower tiers copy it out). None: no tiers.
         self.on_evict: Callable[[Node, int], None] | None = None
 
-    # ----- clock and nodes -------------------------------------------------------------
-    def tick(self) -> int:
-        self._clock += 1
-        return self._clock
-
+    # ----- nodes and namespace roots -----------------------------------------------------
     def _new_node(self, parent: Node | None) -> Node:
         node = Node(self._next_uid, parent, self._clock)
         self._next_uid += 1
@@ -158,26 +182,79 @@ class RadixTree:
         t = self._ns_owner.get(ns_key)
         return t if t is not None else self.tenant(ns_key, None, ns_key)
 
-    def get_root(self, ns_key: bytes, root_hash: int, create: bool, owner: Tenant | None = None) -> Node | None:
-        """The root of namespace `ns_key`; created when `create`, owned by `owner` (default: the
-        namespace's noted owner)."""
+    def find_root(self, ns_key: bytes) -> Node | None:
+        """The root of namespace `ns_key`, or None when the tree holds nothing of it."""
+        return self.roots.get(ns_key)
+
+    def pin(self, ns_key: bytes, owner: Tenant | None = None) -> Node:
+        """The root of namespace `ns_key` (created when missing, owned by `owner`, default the
+        namespace's noted owner), pinned: no eviction forgets the namespace until `unpin`."""
         root = self.roots.get(ns_key)
-        if root is None and create:
-            if owner is None:
-                owner = self.owner_of(ns_key)
+        if root is None:
             root = self._new_node(None)
             root.ns_key = ns_key
-            root.root_hash = root_hash
-            root.owner = owner
+            root.root_hash = root_hash(ns_key)
+            root.owner = owner if owner is not None else self.owner_of(ns_key)
             self.roots[ns_key] = root
+        root.lock_ref += 1  # a root's lock_ref counts pins; roots are never on a locked path
         return root
 
-    def drop_root_if_empty(self, root: Node) -> None:
-        """Forget a namespace root with no children, unless an insert has it pinned."""
+    def unpin(self, root: Node) -> None:
+        """Undo one `pin`; the namespace is forgotten when nothing is left under it."""
+        root.lock_ref -= 1
+        self._drop_root_if_empty(root)
+
+    def _drop_root_if_empty(self, root: Node) -> None:
         if not root.children and root.lock_ref == 0 and self.roots.get(root.ns_key) is root:
             del self.roots[root.ns_key]
 
+    def hold(
+        self, ns_key: bytes, ids: list[int], max_blocks: int, owner: Tenant | None = None,
+        priority: int | None = None, tick: bool = False,
+    ) -> Hold:  # fmt: skip
+        """Pin namespace `ns_key`, find its longest whole-block prefix of `ids` (at most
+        `max_blocks`) and lock the path to it without counting a hit, so that evictions cannot
+        remove the node a new run is attached under. `tick`: advance the clock first (an insert
+        is a use of its own; a promotion belongs to the lookup that follows it). Pair with
+        `unhold`. O(depth + matched tokens), as `descend`."""
+        if tick:
+            self._clock += 1
+        root = self.pin(ns_key, owner)
+        node, matched = self.descend(root, ids, max_blocks)
+        self.acquire(node, hit=False, priority=priority)
+        return Hold(root, node, matched)
+
+    def unhold(self, held: Hold) -> list[int]:
+        """Undo `hold`; returns blocks no one holds now (detached by a `clear` meanwhile)."""
+        freed = self.release(held.node)
+        self.unpin(held.root)
+        return freed
+
     # ----- lookup ----------------------------------------------------------------------
+    def lookup(self, ns_key: bytes, ids: list[int], max_blocks: int) -> Found:
+        """A match: advance the clock, find the longest whole-block prefix of `ids` (at most
+        `max_blocks`) in namespace `ns_key` and lock it as a hit (`release(found.node)` unlocks).
+        `node` is None when nothing matched (nothing locked then). O(depth + matched tokens)
+        plus O(matched blocks) to list the path's blocks."""
+        self._clock += 1
+        root = self.roots.get(ns_key)
+        if root is not None:
+            node, matched = self.descend(root, ids, max_blocks)
+            if matched:
+                self.acquire(node, hit=True)
+                block_ids, hashes = self.blocks_along(node)
+                return Found(node, block_ids, hashes)
+        return Found(None, [], [])
+
+    def peek(self, ns_key: bytes, ids: list[int], max_blocks: int) -> tuple[int, int]:
+        """(hash chain seed after the match, matched blocks) of `ids` in namespace `ns_key`,
+        without locking, counting or ticking: what a lower tier continues from."""
+        root = self.roots.get(ns_key)
+        if root is None:
+            return root_hash(ns_key), 0
+        node, matched = self.descend(root, ids, max_blocks)
+        return node.last_hash, matched
+
     def descend(self, root: Node, ids: list[int], max_blocks: int) -> tuple[Node, int]:
         """Deepest node whose path equals `ids[: matched * block_size]`, and `matched` (blocks).
 
@@ -241,6 +318,16 @@ class RadixTree:
             node = node.parent
         out.reverse()
         return out
+
+    @staticmethod
+    def blocks_along(node: Node) -> tuple[list[int], list[int]]:
+        """(block ids, block hashes) of the path from the root down to `node`, in order."""
+        block_ids: list[int] = []
+        hashes: list[int] = []
+        for n in RadixTree.path(node):
+            block_ids += n.block_ids
+            hashes += n.block_hashes
+        return block_ids, hashes
 
     # ----- locks and statistics ----------------------------------------------------------
     def acquire(self, node: Node, hit: bool, priority: int | None = None) -> None:
@@ -375,7 +462,7 @@ class RadixTree:
             node.detached = True
             self.num_nodes -= 1
             if parent.parent is None:
-                self.drop_root_if_empty(parent)
+                self._drop_root_if_empty(parent)
             elif not parent.children and parent.lock_ref == 0:
                 self._add_evictable(parent)
         return freed
@@ -431,8 +518,8 @@ class RadixTree:
         evictable: set[int] = set()
         for ns_key, root in self.roots.items():
             assert root.parent is None and root.ns_key == ns_key, "root registered under the wrong key"
-            assert root.children, f"namespace root {ns_key!r} has no children"
-            assert not root.block_ids and root.lock_ref == 0, "a root holds blocks or locks"
+            assert root.children or root.lock_ref > 0, f"namespace root {ns_key!r} has no children and no pin"
+            assert not root.block_ids and root.lock_ref >= 0, "a root holds blocks or a negative pin count"
         for node in self.iter_nodes():
             nodes += 1
             parent = node.parent
@@ -473,3 +560,35 @@ class RadixTree:
         for g in self.groups:
             want = sum(t.blocks for t in self.tenants.values() if t.group is g)
             assert g.blocks == want, f"a group counts {g.blocks} blocks, its tenants hold {want}"
+
+    def check_locks(self, held: Iterable[Node], pinned: Iterable[Node]) -> list[int]:
+        """Assert that every lock count is explained: each node's `lock_ref` equals the number
+        of `held` path ends (live matches, in-flight inserts) whose path includes it, each
+        root's equals its `pinned` entries, and `num_locked_blocks` is the blocks on those
+        paths. Returns the blocks that only those holders keep (of nodes a `clear` detached).
+        O(nodes + total path length)."""
+        locks: dict[int, int] = {}
+        on_paths: dict[int, Node] = {}
+        for end in held:
+            path = self.path(end)
+            assert len({n.detached for n in path}) == 1, f"the path to {end} is partly detached"
+            for n in path:
+                locks[n.uid] = locks.get(n.uid, 0) + 1
+                on_paths[n.uid] = n
+        pins: dict[int, int] = {}
+        for root in pinned:
+            pins[root.uid] = pins.get(root.uid, 0) + 1
+        for root in self.roots.values():
+            want = pins.get(root.uid, 0)
+            assert root.lock_ref == want, f"namespace root {root.ns_key!r} is pinned {root.lock_ref} times, not {want}"
+        for node in self.iter_nodes():
+            want = locks.get(node.uid, 0)
+            assert node.lock_ref == want, f"{node} has lock_ref {node.lock_ref}, its holders give {want}"
+        detached = [n for n in on_paths.values() if n.detached]
+        for n in detached:
+            assert n.lock_ref == locks[n.uid], f"detached {n} has lock_ref {n.lock_ref}, expected {locks[n.uid]}"
+        locked = sum(len(n.block_ids) for n in on_paths.values())
+        assert locked == self.num_locked_blocks, (
+            f"{self.num_locked_blocks} blocks counted locked, their holders lock {locked}"
+        )
+        return [b for n in detached for b in n.block_ids]

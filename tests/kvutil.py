@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from radixkv import KVSpec, PrefixCache, PrefixMatch
+from radixkv import EvictionPolicy, KVSpec, PrefixCache, PrefixMatch
 from radixkv.hashing import namespace_key
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
@@ -25,9 +25,22 @@ def serve(cache: PrefixCache, ids: list[int]) -> int:
 
 
 def make_cache(
-    capacity_tokens: int = 256, block_size: int = 4, eviction: str = "lru", spec: KVSpec = SPEC
+    capacity_tokens: int = 256, block_size: int = 4, eviction: str | EvictionPolicy = "lru", spec: KVSpec = SPEC
 ) -> PrefixCache:
     return PrefixCache(spec, capacity_tokens=capacity_tokens, block_size=block_size, eviction=eviction)
+
+
+def blocks_cache(capacity_blocks: int, eviction: str | EvictionPolicy, block_size: int = 4) -> PrefixCache:
+    """A cache of `capacity_blocks` blocks of `block_size` tokens ordered by `eviction`."""
+    return make_cache(capacity_blocks * block_size, block_size, eviction)
+
+
+def cache_holding(num_tokens: int) -> tuple[PrefixCache, list[int]]:
+    """A `make_cache()` cache that holds tokens 0 .. num_tokens - 1, and those tokens."""
+    cache = make_cache()
+    ids = list(range(num_tokens))
+    cache.insert(ids, kv_for(ids))
+    return cache, ids
 
 
 def kv_for(ids: list[int], namespace: object = None, spec: KVSpec = SPEC) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-from kvutil import SPEC, kv_for, make_cache
+from kvutil import SPEC, cache_holding, kv_for, make_cache
 
 from radixkv import KVSpec, PrefixCache
 
@@ -40,9 +40,7 @@ def test_match_returns_the_longest_cached_whole_block_prefix() -> None:
 
 
 def test_match_accepts_lists_tuples_tensors_and_arrays_alike() -> None:
-    cache = make_cache()
-    ids = list(range(9))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(9)
     for form in (ids, tuple(ids), torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), np.array(ids)):
         with cache.match(form) as m:
             assert m.num_tokens == 8, type(form)
@@ -67,9 +65,7 @@ def test_gather_equals_inserted_kv_bit_for_bit_also_after_a_split() -> None:
 
 
 def test_gather_returns_fresh_tensors_that_callers_may_modify() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     with cache.match(ids) as m:
         first = cache.gather(m)
         first[0][0].fill_(-1.0)
@@ -78,9 +74,7 @@ def test_gather_returns_fresh_tensors_that_callers_may_modify() -> None:
 
 
 def test_insert_reuses_cached_blocks_and_never_rewrites_them() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     other_kv = [(k + 1, v + 1) for k, v in kv_for(ids)]
     assert cache.insert(ids, other_kv) == 0
     longer = list(range(12))
@@ -98,9 +92,7 @@ def test_insert_stores_only_whole_blocks_and_returns_the_new_token_count() -> No
 
 
 def test_matched_blocks_are_locked_until_released() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     m = cache.match(ids)
     assert cache.stats.locked_tokens == 8
     assert cache.evict(1000) == 0
@@ -111,18 +103,14 @@ def test_matched_blocks_are_locked_until_released() -> None:
 
 
 def test_a_match_used_as_context_manager_releases_on_exit_even_on_error() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     with pytest.raises(KeyError), cache.match(ids) as m:
         raise KeyError("boom")
     assert m.released and cache.stats.locked_tokens == 0 and cache.stats.live_matches == 0
 
 
 def test_releasing_twice_is_an_error_not_a_double_decrement() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     keep = cache.match(ids)
     m = cache.match(ids)
     cache.release(m)
@@ -148,9 +136,7 @@ def test_a_match_from_another_cache_is_rejected() -> None:
 
 
 def test_a_released_match_cannot_be_gathered() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     m = cache.match(ids)
     cache.release(m)
     with pytest.raises(ValueError, match="already released"):
@@ -225,9 +211,7 @@ def test_priority_evicts_the_lowest_priority_first_then_by_recency() -> None:
 
 
 def test_eviction_removes_tail_blocks_before_head_blocks() -> None:
-    cache = make_cache()
-    ids = list(range(12))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(12)
     assert cache.evict(1) == 4  # one whole block
     with cache.match(ids) as m:
         assert m.num_tokens == 8
@@ -247,9 +231,7 @@ def test_a_parent_becomes_evictable_when_its_last_child_goes() -> None:
 
 
 def test_evict_zero_does_nothing_and_eviction_rounds_up_to_whole_blocks() -> None:
-    cache = make_cache()
-    ids = list(range(16))
-    cache.insert(ids, kv_for(ids))
+    cache, _ = cache_holding(16)
     assert cache.evict(0) == 0 and cache.stats.cached_tokens == 16
     assert cache.evict(5) == 8
     assert cache.stats.evicted_tokens == 8
@@ -304,9 +286,7 @@ def test_a_hash_collision_never_causes_a_false_hit(monkeypatch: pytest.MonkeyPat
 
 
 def test_reference_counts_count_the_tree_and_every_live_match_exactly_across_splits() -> None:
-    cache = make_cache()
-    ids = list(range(12))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(12)
     m1 = cache.match(ids)
     m2 = cache.match(ids[:4])  # splits the node under m1's lock
     first, last = m1.block_ids[0], m1.block_ids[-1]
@@ -323,9 +303,7 @@ def test_reference_counts_count_the_tree_and_every_live_match_exactly_across_spl
 
 
 def test_clear_empties_the_tree_but_live_matches_stay_readable() -> None:
-    cache = make_cache()
-    ids = list(range(8))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(8)
     m = cache.match(ids)
     cache.clear()
     assert cache.stats.cached_tokens == 0 and cache.stats.locked_tokens == 8
@@ -340,9 +318,7 @@ def test_clear_empties_the_tree_but_live_matches_stay_readable() -> None:
 
 
 def test_splitting_a_locked_node_keeps_every_lock_exact() -> None:
-    cache = make_cache()
-    ids = list(range(16))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(16)
     long_match = cache.match(ids)
     short_match = cache.match(ids[:8])
     cache.release(long_match)
@@ -355,9 +331,7 @@ def test_splitting_a_locked_node_keeps_every_lock_exact() -> None:
 
 
 def test_stats_count_lookups_queries_hits_inserts_and_evictions() -> None:
-    cache = make_cache()
-    ids = list(range(10))
-    cache.insert(ids, kv_for(ids))
+    cache, ids = cache_holding(10)
     cache.release(cache.match(ids))
     cache.release(cache.match([9, 9, 9, 9, 9]))
     s = cache.stats

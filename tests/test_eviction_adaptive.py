@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from kvutil import SPEC, kv_for, prefixes_of, random_operations, serve
+from kvutil import SPEC, blocks_cache, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import POLICIES, PrefixCache
 from radixkv.adaptive import Adaptive
@@ -14,12 +14,8 @@ from radixkv.adaptive import Adaptive
 BS = 4
 
 
-def _cache(capacity_blocks: int, eviction: str | Adaptive = "adaptive") -> PrefixCache:
-    return PrefixCache(SPEC, capacity_tokens=capacity_blocks * BS, block_size=BS, eviction=eviction)
-
-
 def test_adaptive_is_registered_and_starts_as_lru() -> None:
-    cache = _cache(64)
+    cache = blocks_cache(64, "adaptive")
     policy = cache.policy
     assert POLICIES["adaptive"] is Adaptive and isinstance(policy, Adaptive)
     assert not policy.learned and policy.switches == 0
@@ -48,7 +44,7 @@ def test_it_switches_to_the_learned_order_under_floods_and_keeps_the_shared_pref
     hot = list(range(8 * BS))
     hits = {}
     for eviction in ("lru", "adaptive"):
-        cache, nxt, total = _cache(40, eviction), 10_000, 0
+        cache, nxt, total = blocks_cache(40, eviction), 10_000, 0
         rng = random.Random(0)
         for _ in range(600):
             if rng.random() < 0.5:
@@ -66,7 +62,7 @@ def test_it_switches_to_the_learned_order_under_floods_and_keeps_the_shared_pref
 def test_a_switch_rekeys_every_evictable_leaf_before_the_next_eviction() -> None:
     """After the order changes, the evictable list follows the new keys (checked by check_invariants
     and by comparing each listed key with the policy's key now)."""
-    cache = _cache(40)
+    cache = blocks_cache(40, "adaptive")
     policy = cache.policy
     for i in range(30):
         ids = list(range(1000 * i, 1000 * i + 5 * BS))

@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvutil import SPEC, cached_prefixes, kv_for, prefixes_of, random_operations, serve
+from kvutil import SPEC, blocks_cache, cached_prefixes, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
 from radixkv.ghost import EvictedRuns, checkpoints
@@ -15,10 +15,6 @@ from radixkv.reuse_odds import ReuseOdds, _exponential_mean, _observed_mean
 from radixkv.tree import Node
 
 BS = 4
-
-
-def _cache(capacity_blocks: int, eviction: str | ReuseOdds = "reuse") -> PrefixCache:
-    return PrefixCache(SPEC, capacity_tokens=capacity_blocks * BS, block_size=BS, eviction=eviction)
 
 
 class _Fresh:
@@ -50,7 +46,7 @@ def _policy(cache: PrefixCache) -> ReuseOdds:
 def test_reuse_is_registered_and_selected_by_name() -> None:
     """`eviction="reuse"` gives a fresh ReuseOdds per cache."""
     assert POLICIES["reuse"] is ReuseOdds
-    a, b = _cache(8), _cache(8)
+    a, b = blocks_cache(8, "reuse"), blocks_cache(8, "reuse")
     assert isinstance(a.policy, ReuseOdds) and a.policy is not b.policy
 
 
@@ -96,7 +92,7 @@ def test_a_much_reused_prefix_survives_a_flood_of_one_off_prompts_that_flushes_i
     hot = list(range(8 * BS))  # 8 blocks
     survived = {}
     for eviction in ("lru", "reuse"):
-        cache, fresh = _cache(40, eviction), _Fresh()
+        cache, fresh = blocks_cache(40, eviction), _Fresh()
         _train_hot_prefix(cache, hot, fresh, rounds=30)
         for _ in range(16):  # 16 prompts x 6 blocks = 96 blocks: 2.4 caches' worth
             serve(cache, fresh(6))
@@ -110,7 +106,7 @@ def test_a_prefix_that_stops_being_used_ages_out() -> None:
     """It is not a pin: the prefix's advantage is worth a bounded time (a few mean reuse gaps),
     after which a long enough run of new prompts evicts it."""
     hot = list(range(8 * BS))
-    cache, fresh = _cache(40), _Fresh()
+    cache, fresh = blocks_cache(40, "reuse"), _Fresh()
     _train_hot_prefix(cache, hot, fresh, rounds=30)
     for _ in range(400):
         serve(cache, fresh(6))
@@ -121,7 +117,7 @@ def test_a_prefix_that_stops_being_used_ages_out() -> None:
 def test_with_no_reuse_seen_yet_the_order_is_exactly_lru() -> None:
     """Before any block is used twice the learned offsets are all zero: the same evictions as LRU."""
     seqs = [list(range(200 * i, 200 * i + n * BS)) for i, n in enumerate([3, 5, 2, 7, 4] * 4)]
-    caches = {e: _cache(12, e) for e in ("lru", "reuse")}
+    caches = {e: blocks_cache(12, e) for e in ("lru", "reuse")}
     for ids in seqs:
         for cache in caches.values():
             cache.insert(ids, kv_for(ids))
@@ -133,7 +129,7 @@ def test_it_learns_that_blocks_used_twice_are_done_when_sessions_last_two_turns(
     """Not a built-in love of frequency: when every prompt is used exactly twice, a block used
     once is the likelier to come back, and the learned odds rank it above a block used twice
     (LFU would keep the finished pair)."""
-    cache, fresh = _cache(64), _Fresh()
+    cache, fresh = blocks_cache(64, "reuse"), _Fresh()
     pending: list[list[int]] = []
     for i in range(400):
         if i % 2 == 0 or not pending:
@@ -149,7 +145,7 @@ def test_it_learns_that_blocks_used_twice_are_done_when_sessions_last_two_turns(
 def test_an_evicted_prefix_stored_again_resumes_its_use_count_on_a_node_of_its_own() -> None:
     """The ghost remembers how often evicted blocks were used; a prompt that stores them again
     gets a node for them (with the remembered count) and another for its new blocks."""
-    cache = _cache(32)
+    cache = blocks_cache(32, "reuse")
     prefix = list(range(6 * BS))
     cache.insert(prefix, kv_for(prefix))
     for _ in range(3):
@@ -167,7 +163,7 @@ def test_an_evicted_prefix_stored_again_resumes_its_use_count_on_a_node_of_its_o
 def test_a_prompt_that_leaves_an_evicted_run_midway_is_credited_only_for_what_it_shares() -> None:
     """Hash chains make agreement on a block imply agreement on every block before it, so the
     checkpoints bound what a diverging prompt shares; blocks after the divergence count as new."""
-    cache = _cache(64)
+    cache = blocks_cache(64, "reuse")
     prefix = list(range(16 * BS))
     cache.insert(prefix, kv_for(prefix))
     cache.release(cache.match(prefix))
@@ -182,7 +178,7 @@ def test_a_prompt_that_leaves_an_evicted_run_midway_is_credited_only_for_what_it
 
 def test_clear_forgets_evicted_runs_but_keeps_what_was_learned() -> None:
     """`clear` drops the ghost (those blocks are gone) and keeps the traffic statistics."""
-    cache, fresh = _cache(40), _Fresh()
+    cache, fresh = blocks_cache(40, "reuse"), _Fresh()
     _train_hot_prefix(cache, list(range(8 * BS)), fresh, rounds=20)
     policy = _policy(cache)
     offsets, gap = list(policy.offsets), policy.mean_gap
@@ -196,7 +192,7 @@ def test_clear_forgets_evicted_runs_but_keeps_what_was_learned() -> None:
 def test_the_ghost_never_holds_more_runs_than_its_bound_and_each_entry_is_small() -> None:
     """Memory: at most `ghost_entries` runs, each O(log run length) bytes, however much churns."""
     policy = ReuseOdds(ghost_entries=8)
-    cache, fresh = _cache(16, policy), _Fresh()
+    cache, fresh = blocks_cache(16, policy), _Fresh()
     for i in range(300):
         serve(cache, fresh(1 + i % 9))
         assert len(policy.ghost) <= 8

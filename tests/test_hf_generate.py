@@ -512,6 +512,8 @@ def test_rule7_wrap_rejects_bad_arguments() -> None:
         radixkv.wrap(model, capacity_tokens=0)
     with pytest.raises(ValueError, match="capacity"):
         radixkv.wrap(model, capacity_tokens=64, capacity_bytes=1 << 20)
+    with pytest.raises(TypeError, match="capacity_token"):  # a misspelt option is not ignored
+        radixkv.wrap(model, capacity_token=64)
     cached = radixkv.wrap(model)
     assert cached.cache is not None and cached.cache.stats.capacity_tokens == DEFAULT_MIN_CAPACITY_TOKENS
     with pytest.raises(TypeError, match="already"):

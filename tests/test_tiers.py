@@ -6,6 +6,7 @@ import random
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -224,21 +225,36 @@ def test_random_operations_stay_exact(tmp_path: Path, seed: int) -> None:
     cache.check_invariants()
 
 
-def test_concurrent_matches_promote_a_disk_prefix_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Threads asking for the same disk prefix at once: one reads it, all get it, once in the pool."""
+def _on_disk_only(tmp_path: Path) -> tuple[PrefixCache, list[int]]:
+    """A cache without a host tier whose only copy of 32 tokens is on disk."""
     cache = tiered(tmp_path, capacity=64, host=None)
     ids = list(range(32))
     put(cache, ids)
     cache.evict(64)
-    reads = []
+    return cache, ids
+
+
+def _before_disk_reads(monkeypatch: pytest.MonkeyPatch, before: Callable[[], None]) -> None:
+    """Call `before()` at the start of every disk tier read."""
     real_read = DiskTier.read
 
-    def slow_read(self: DiskTier, *args: object) -> torch.Tensor:
-        reads.append(1)
-        time.sleep(0.3)
+    def read(self: DiskTier, *args: object) -> torch.Tensor:
+        before()
         return real_read(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(DiskTier, "read", slow_read)
+    monkeypatch.setattr(DiskTier, "read", read)
+
+
+def test_concurrent_matches_promote_a_disk_prefix_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads asking for the same disk prefix at once: one reads it, all get it, once in the pool."""
+    cache, ids = _on_disk_only(tmp_path)
+    reads = []
+
+    def slow() -> None:
+        reads.append(1)
+        time.sleep(0.3)
+
+    _before_disk_reads(monkeypatch, slow)
     results: list[tuple[int, int]] = []
     errors: list[BaseException] = []
 
@@ -266,20 +282,15 @@ def test_concurrent_matches_promote_a_disk_prefix_once(tmp_path: Path, monkeypat
 
 def test_cache_lock_is_not_held_during_a_disk_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While one thread reads a file, another thread's device match and insert complete."""
-    cache = tiered(tmp_path, capacity=64, host=None)
-    ids = list(range(32))
-    put(cache, ids)
-    cache.evict(64)
+    cache, ids = _on_disk_only(tmp_path)
     put(cache, list(range(200, 216)))
     entered, finish = threading.Event(), threading.Event()
-    real_read = DiskTier.read
 
-    def blocking_read(self: DiskTier, *args: object) -> torch.Tensor:
+    def blocking() -> None:
         entered.set()
         assert finish.wait(10)
-        return real_read(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(DiskTier, "read", blocking_read)
+    _before_disk_reads(monkeypatch, blocking)
     out: list[int] = []
     t = threading.Thread(target=lambda: out.append(assert_exact(cache, ids)))
     t.start()
