@@ -63,6 +63,9 @@ class KVPool:
         end = start + n * bs
         idx = self._index(block_ids)
         quant = self.quantizer
+        # Quantising: one float32 temporary [H, n, bs, D] that every layer and K/V reuse.
+        shape = (spec.num_kv_heads, n, bs, spec.head_dim)
+        scratch = None if quant is None else torch.empty(shape, dtype=torch.float32, device=spec.device)
         for layer, (k, v) in enumerate(kv):
             # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
             src_k = k[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
@@ -72,7 +75,7 @@ class KVPool:
                 self.data[layer, 1].index_copy_(1, idx, src_v)
                 continue
             for which, src in ((0, src_k), (1, src_v)):
-                codes, scales = quant.quantize(src)  # [H, n, bs, code_dim], [H, n, bs, scale_dim]
+                codes, scales = quant.quantize(src, scratch)  # [H, n, bs, code_dim], [H, n, bs, scale_dim]
                 self.codes[layer, which].index_copy_(1, idx, codes)
                 self.scales[layer, which].index_copy_(1, idx, scales)
 
@@ -100,19 +103,25 @@ class KVPool:
         return out
 
     def _gather_quantized(self, idx: torch.Tensor, n: int) -> list[LayerKV]:
-        """Dequantising gather: per layer, select K and V codes and scales together, then one
-        dequantise into `[2, H, n * bs, D]` whose halves are the layer's K and V."""
+        """Dequantising gather: every layer's scales in one select and one float32 conversion;
+        per layer, one select of K and V codes together and one dequantise into `[2, H, n * bs, D]`
+        whose halves are the layer's K and V. Half precision outputs on CPU are computed in one
+        float32 scratch that all layers reuse (see `KVQuantizer.dequantize`)."""
         spec, bs, quant = self.spec, self.block_size, self.quantizer
         assert quant is not None
         lead = (spec.num_layers, 2, spec.num_kv_heads, self.num_blocks)
         codes = self.codes.view(*lead, bs * quant.code_dim)
-        scales = self.scales.view(*lead, bs * quant.scale_dim)
         shape = (2, spec.num_kv_heads, n * bs)
+        work = torch.float32 if self.codes.device.type == "cpu" else spec.dtype
+        scales = self.scales.view(*lead, bs * quant.scale_dim).index_select(3, idx)
+        scales = scales.view(spec.num_layers, *shape, quant.scale_dim).to(work)  # [L, 2, H, n * bs, scale_dim]
+        scratch = None
+        if work != spec.dtype:
+            scratch = torch.empty((*shape, spec.head_dim), dtype=work, device=self.codes.device)
         out: list[LayerKV] = []
         for layer in range(spec.num_layers):
             c = codes[layer].index_select(2, idx).view(*shape, quant.code_dim)  # [2, H, n * bs, code_dim]
-            s = scales[layer].index_select(2, idx).view(*shape, quant.scale_dim)
-            kv = quant.dequantize(c, s, spec.dtype)  # [2, H, n * bs, D]
+            kv = quant.dequantize(c, scales[layer], spec.dtype, scratch)  # [2, H, n * bs, D], fresh
             out.append((kv[0:1], kv[1:2]))
         return out
 

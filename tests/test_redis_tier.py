@@ -221,6 +221,30 @@ def test_a_second_cache_reads_what_the_first_inserted(server: RedisServer) -> No
         b.close()
 
 
+def test_a_continuation_under_min_tokens_is_recomputed_not_fetched(server: RedisServer) -> None:
+    """With the default `min_tokens`, a Redis continuation one block short of it is left to
+    recompute (no round trip), and one of exactly `min_tokens` is fetched."""
+    from radixkv.redis_tier import MIN_SHARED_LOAD_TOKENS as MIN
+
+    assert MIN % BS == 0 and MIN > BS
+    short, enough = list(range(2000, 2000 + MIN - BS)), list(range(3000, 3000 + MIN))
+    a = cache_on(server.url, capacity=256)
+    b = cache_on(RedisOptions(server.url), capacity=256)  # the default min_tokens
+    try:
+        a.insert(short, kv_for(short))
+        a.insert(enough, kv_for(enough))
+        assert a.flush(10)
+        with b.match(short) as m:
+            assert (m.num_tokens, m.shared_tokens) == (0, 0)
+        assert b.shared_stats.lookups == 0
+        with b.match(enough) as m:
+            assert (m.num_tokens, m.shared_tokens) == (MIN, MIN)
+        assert b.shared_stats.lookups == 1
+    finally:
+        a.close()
+        b.close()
+
+
 def test_tenants_models_and_dtypes_never_read_each_other(server: RedisServer) -> None:
     """Two namespaces on one server, another model fingerprint, another KV dtype: no hits; the
     same namespace and model: hits."""

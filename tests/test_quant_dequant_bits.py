@@ -1,0 +1,160 @@
+"""Dequantisation is exact arithmetic rounded once, on every path: the per-call reference
+(`KVQuantizer.dequantize` without scratch), the float32 scratch the pool reuses for half precision
+outputs, and the pool's gather (all layers' scales converted at once). Checked bit for bit against
+an independent float64 oracle over every int8 code and every packed int4 byte."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixkv import KVSpec
+from radixkv.pool import KVPool
+from radixkv.quant import KVQuantizer
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEAD_DIM = 64
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Same-width integers of a float tensor: compares -0.0 and 0.0, and NaN payloads, as different."""
+    return x.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[x.dtype])
+
+
+def _random_scales(rows: int, seed: int) -> torch.Tensor:
+    """[rows] positive float16 scales over the whole range quantize produces (2**-24 .. 65504)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp2(torch.rand(rows, generator=g) * 39.9 - 24).half()
+
+
+def _int8_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [rows, 64] holding every code -127..127 several times, scales [rows, 1] float16,
+    and the oracle's exact float64 products [rows, 64]."""
+    g = torch.Generator().manual_seed(seed)
+    all_codes = torch.arange(-127, 128, dtype=torch.int8)
+    codes = torch.cat([all_codes[torch.randperm(255, generator=g)] for _ in range(8)])[: 31 * HEAD_DIM]
+    codes = codes.view(31, HEAD_DIM)
+    scales = _random_scales(31, seed).view(31, 1)
+    return codes, scales, codes.double() * scales.double()
+
+
+def _int4_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """packed codes [rows, 32] holding every byte 0..255 (every pair of 4-bit codes), scales
+    [rows, 2] float16 (step s, minimum m), and the oracle: q * s + m rounded once to float32."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.cat([torch.randperm(256, generator=g) for _ in range(4)]).to(torch.uint8).view(32, 32)
+    s = _random_scales(32, seed).view(32, 1)
+    m = (torch.randn(32, 1, generator=g) * torch.exp2(torch.randint(-10, 14, (32, 1), generator=g))).half()
+    q = torch.cat((packed & 15, packed >> 4), dim=-1).double()  # channel j low nibble, j + 32 high
+    exact = (q * s.double() + m.double()).float().double()  # q * s and the sum are exact in float64
+    return packed, torch.cat((s, m), dim=-1), exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_dequantize_equals_the_exact_value_rounded_once_with_and_without_scratch(
+    kv_dtype: str, dtype: torch.dtype
+) -> None:
+    q = KVQuantizer(kv_dtype, HEAD_DIM)
+    for seed in range(3):
+        codes, scales, exact = (_int8_case if kv_dtype == "int8" else _int4_case)(seed)
+        want = exact.to(dtype)  # float64 -> dtype: one rounding of the exact value
+        plain = q.dequantize(codes, scales, dtype)
+        scratch = torch.full((codes.shape[0], HEAD_DIM), float("nan"))  # stale contents must not matter
+        reused = q.dequantize(codes, scales, dtype, scratch)
+        from_f32_scales = q.dequantize(codes, scales.float(), dtype, scratch)
+        for got in (plain, reused, from_f32_scales):
+            assert got.dtype == dtype and got.shape == want.shape
+            assert torch.equal(_bits(got), _bits(want)), (seed, (got.double() - want.double()).abs().max())
+        # The result is fresh memory: never the scratch, never the codes.
+        assert reused.data_ptr() != scratch.data_ptr() or dtype == torch.float32
+        if dtype == torch.float32:  # no float32 intermediate to reuse: the scratch is left alone
+            assert scratch.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memory(
+    kv_dtype: str, dtype: torch.dtype
+) -> None:
+    """Stored bits written straight into a pool (every code in every layer, K and V), gathered in a
+    scrambled block order: each layer's K and V are the oracle's values, in fresh memory, and a
+    second gather (which reuses no buffer of the first) leaves the first result unchanged."""
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
+    q = KVQuantizer(kv_dtype, HEAD_DIM)
+    bs, n = 4, 6
+    pool = KVPool(spec, num_blocks=8, block_size=bs, quantizer=q)
+    lead = (n, spec.num_layers, 2, spec.num_kv_heads, bs)
+    rows = n * spec.num_layers * 2 * spec.num_kv_heads * bs
+    codes, scales, exact = [], [], []
+    seed = 0
+    while sum(c.shape[0] for c in codes) < rows:
+        c, s, e = (_int8_case if kv_dtype == "int8" else _int4_case)(seed)
+        codes.append(c), scales.append(s), exact.append(e)
+        seed += 1
+    c = torch.cat(codes)[:rows].view(*lead, q.code_dim)
+    s = torch.cat(scales)[:rows].view(*lead, q.scale_dim)
+    e = torch.cat(exact)[:rows].view(*lead, HEAD_DIM)
+    blocks = torch.cat((c.view(torch.uint8), s.view(torch.uint8)), dim=-1)  # read_blocks' layout
+    block_ids = [5, 0, 7, 2, 1, 6]
+    pool.write_blocks(block_ids, blocks)
+    order = [2, 0, 5, 1]  # gather a subset, out of order
+    first = pool.gather([block_ids[i] for i in order])
+    want = e[order].to(dtype)  # [4, L, 2, H, bs, D]
+    want = want.permute(1, 2, 3, 0, 4, 5).reshape(spec.num_layers, 2, spec.num_kv_heads, len(order) * bs, HEAD_DIM)
+    kept = [(k.clone(), v.clone()) for k, v in first]
+    second = pool.gather([block_ids[i] for i in order])
+    ptrs = set()
+    for layer, ((k, v), (k2, v2)) in enumerate(zip(first, second, strict=True)):
+        for which, out in ((0, k), (1, v)):
+            assert out.shape == (1, spec.num_kv_heads, len(order) * bs, HEAD_DIM) and out.dtype == dtype
+            assert torch.equal(_bits(out[0]), _bits(want[layer, which])), (layer, which)
+        assert torch.equal(_bits(k), _bits(kept[layer][0])) and torch.equal(_bits(v), _bits(kept[layer][1]))
+        assert torch.equal(_bits(k2), _bits(k)) and torch.equal(_bits(v2), _bits(v))
+        ptrs.add(k.untyped_storage().data_ptr())
+        ptrs.add(k2.untyped_storage().data_ptr())
+    assert len(ptrs) == 2 * spec.num_layers  # every layer of every gather has its own storage
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("group", [None, 16])
+def test_quantize_with_scratch_gives_the_same_bits_and_leaves_the_input_alone(
+    kv_dtype: str, dtype: torch.dtype, group: int | None
+) -> None:
+    """The pool's write passes a reused float32 scratch; codes and scales must not depend on it
+    (stale contents included), and a non-contiguous input view must not be written."""
+    q = KVQuantizer(kv_dtype, HEAD_DIM, group)
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(3, 40, HEAD_DIM, generator=g) * torch.logspace(-4, 4, HEAD_DIM)).to(dtype)
+    base[:, 0] = 0.0  # a zero token: range 0
+    base[:, 1] = -base[:, 1].abs()  # an all-negative token: the int8 scale comes from the minimum
+    x = base[:, 4:36].reshape(3, 2, 16, HEAD_DIM)  # the pool's [H, n, bs, D] view of a token range
+    before = x.clone()
+    codes, scales = q.quantize(x)
+    scratch = torch.full((3, 2, 16, HEAD_DIM), float("nan"))
+    codes2, scales2 = q.quantize(x, scratch)
+    assert torch.equal(codes, codes2) and torch.equal(_bits(scales), _bits(scales2))
+    assert torch.equal(_bits(x), _bits(before))
+    # And the codes are what they claim: the reference dequantisation is within half a step.
+    out = q.dequantize(codes2, scales2, torch.float32)
+    err = (out - x.float()).abs().view(3, 2, 16, q.num_groups, q.group).amax(-1)
+    step = scales2.float().view(3, 2, 16, q.num_groups, -1)[..., 0]
+    assert (err <= 0.5 * step * (1 + 2**-9) + 1e-30).all()
+
+
+def test_a_wrong_scratch_is_refused_by_name() -> None:
+    """A scratch of another dtype or shape would silently change the codes (float64 division) or
+    fail deep inside a kernel: both entry points refuse it, naming it."""
+    q = KVQuantizer("int8", HEAD_DIM)
+    x = torch.randn(2, 5, HEAD_DIM)
+    codes, scales = q.quantize(x)
+    for bad in (
+        torch.empty(2, 5, HEAD_DIM, dtype=torch.float64),
+        torch.empty(2, 6, HEAD_DIM),
+        torch.empty(HEAD_DIM, 5, 2).permute(2, 1, 0),
+    ):
+        with pytest.raises(ValueError, match="scratch"):
+            q.quantize(x, bad)
+        with pytest.raises(ValueError, match="scratch"):
+            q.dequantize(codes, scales, torch.float16, bad)
