@@ -82,9 +82,10 @@ class KVPool:
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
         """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.
 
-        One `index_select` per layer and K/V over a `[H, num_blocks, block_size * D]` view: each
-        result is a separate, modest allocation that the allocator can reuse between requests
-        (one tensor for all layers would exceed the mmap threshold and fault fresh pages every time).
+        One `index_select` per layer and K/V over a `[H, num_blocks, block_size * D]` view, each
+        result a separate allocation. On CUDA the caching allocator reuses them between requests;
+        on a CPU glibc returns freed blocks of this size to the system by default, so every gather
+        faults its output pages in again (see the README for the malloc settings that avoid it).
         """
         n = len(block_ids)
         spec, bs = self.spec, self.block_size
