@@ -136,23 +136,14 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "plan":
         from .plan import plan_report
 
-        print(
-            plan_report(
-                args.model,
-                dtype=args.dtype,
-                kv_dtype=args.kv_dtype,
-                memory=args.memory,
-                context=args.context,
-                params=args.params,
-                as_json=args.json,
-            )
-        )
+        flags = ("model", "dtype", "kv_dtype", "memory", "context", "params")
+        print(plan_report(**{name: getattr(args, name) for name in flags}, as_json=args.json))
     elif args.command == "demo":
         from .runner import run_demo
 
         run_demo(_settings(args))
     elif args.workload == "trace":
-        trace.sweep_from_args(args)
+        trace.run_trace_sweep(args)
     else:
         from .runner import run_model_bench
 

@@ -1,4 +1,4 @@
-"""Single-figure model benchmarks, each one command, each comparing methods side by side in one run.
+"""Single-figure model benchmarks, each one command comparing methods side by side in one run.
 
     python -m radixkv.benchmarks.figures real-model --out benchmarks/results/smollm2-bench
     python -m radixkv.benchmarks.figures ttft                  # llama-100m, float32, CPU
@@ -6,16 +6,15 @@
     python -m radixkv.benchmarks.figures quant-quality [--segment 1024] [--new-tokens 32] [--json out.json]
     python -m radixkv.benchmarks.figures quant-speed [--tokens 1024] [--repeats 30] [--ttft]
 
-`real-model` and `ttft` measure the same thing, time to first token on a prefix-cache hit beside
-the two baselines, with one function (`ttft_side_by_side`): on the trained SmolLM2 with
-chat-template prompts, or on a preset with random tokens. Each runs `--help` for its flags.
-The model workloads of `radixkv bench` / `radixkv demo` (many requests, every method, token
-comparison, tables) live in `runner`; these are the figures one table of the README cites.
+`real-model` (SmolLM2, chat-template prompts) and `ttft` (a preset, random tokens) measure TTFT on
+a prefix-cache hit beside the two baselines with one function, `ttft_side_by_side`. `FIGURE --help`
+gives a figure's flags; the many-request workloads of `radixkv bench` / `demo` live in `runner`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -37,7 +36,16 @@ from radixkv import KVSpec, PrefixCache
 from .methods import METHODS, BenchSettings, MethodRun, run_interleaved
 from .models import SMOLLM2, load, load_model
 from .report import plot_real_model
-from .workloads import ASSISTANT_QUESTIONS, CHAT_TURNS, Conversation, Tokens, Workload, chat_workload, read_text
+from .workloads import (
+    ASSISTANT_QUESTIONS,
+    CHAT_TURNS,
+    ChatRenderer,
+    Conversation,
+    Tokens,
+    Workload,
+    chat_workload,
+    read_text,
+)
 
 __all__ = ["main", "ttft_side_by_side"]
 
@@ -49,31 +57,23 @@ TEXT = Path(__file__).parent / "data" / "public_domain.txt"
 
 REAL_MODEL_DOC = """The trained chat model: TTFT under a ~1,000-token system prompt, and a 4-turn chat end to end.
 
-Part 1: prompts are the chat template over the help-desk system prompt
-(``texts/assistant_system_prompt.md``) and one question each, through `ttft_side_by_side`.
-Part 2: the 4-turn chat of `workloads.CHAT_TURNS`, each prompt the chat template over the
-history with the model's decoded answers, up to `--new-tokens` per answer (stopping at end of
-turn): plain `generate` and radixkv, turn by turn, wall time per turn and tokens reused. Both
-parts check that the methods produced the same tokens (the exit status is 1 otherwise).
+Part 1: the chat template over the help-desk system prompt and one question each, through
+`ttft_side_by_side`. Part 2: the 4-turn chat of `workloads.CHAT_TURNS` (the history re-rendered
+with the model's decoded answers) through plain `generate` and radixkv: wall time and tokens
+reused per turn. The exit status is 1 when the methods' tokens differ in either part.
 """
 TTFT_DOC = """Time to first token on a prefix-cache hit, a preset with random tokens: one shared prefix
 (2,048 tokens by default) and a fresh 32-token suffix per request, through `ttft_side_by_side`.
-The first generated token of all three methods must agree (printed; exit status 1 otherwise).
+The exit status is 1 when the methods' first generated tokens differ.
 """
 TTFT_TIERS_DOC = """Time to first token when the shared prefix comes from each tier, side by side in one run.
 
-One shared prefix (2,048 random tokens) and a fresh 32-token suffix per request; each request
-generates one token, timed from the call to its return (this includes the insert after the
-token). Methods, interleaved request by request so that they share the machine's noise:
-  - device:    the prefix is in the device pool;
-  - host:      the prefix was evicted to the host tier just before (`cache.evict`), and is
-               promoted by the request's match;
-  - disk:      a cache with a disk tier only: the prefix was evicted to its files just before
-               (the OS page cache is warm: this is a hot file, not a cold disk read);
-  - recompute: `model.generate` without radixkv, the whole prompt prefilled.
-`--restart` adds: a second process starts on the disk directory the first one filled; its
-first request (KV from disk, after indexing the directory at start) against a cold start's
-first request (a fresh process without tiers: the whole prompt prefilled).
+One shared prefix (2,048 random tokens), a fresh 32-token suffix per request, one token generated,
+timed call to return (the insert after it included), the methods interleaved request by request:
+device (the prefix in the pool), host (evicted to the host tier just before, promoted by the
+match), disk (a disk-only cache, evicted to its files just before: a hot file in the OS page
+cache, not a cold read) and recompute (`model.generate`). `--restart` adds a second process's
+first request on the disk directory the first filled (indexing included) against a cold start's.
 """
 QUANT_QUALITY_DOC = """Quality of quantised reuse (kv_dtype int8 / int4) on SmolLM2, against exact reuse.
 
@@ -187,15 +187,11 @@ def ttft_main(argv: Sequence[str] | None = None) -> int:
 # ----- the trained chat model: TTFT under a long system prompt, and a 4-turn chat ---------------------
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> Tokens:
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, return_dict=True)
-    return tuple(int(t) for t in enc["input_ids"])
-
-
 def _real_ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
     system = {"role": "system", "content": read_text("assistant_system_prompt.md")}
-    prefix = _chat_ids(tokenizer, [system], generation_prompt=False)
-    prompts = [_chat_ids(tokenizer, [system, {"role": "user", "content": q}]) for q in ASSISTANT_QUESTIONS]
+    render = ChatRenderer(tokenizer, None).render
+    prefix = render([system], generation_prompt=False)
+    prompts = [render([system, {"role": "user", "content": q}]) for q in ASSISTANT_QUESTIONS]
     r = ttft_side_by_side(model, prefix, prompts[-1], prompts[: repeats + 1], BenchSettings(capacity_tokens=4096))
     return {
         "system_prompt_tokens": len(prefix),
@@ -203,17 +199,6 @@ def _real_ttft(model: Any, tokenizer: Any, repeats: int) -> dict[str, Any]:
         "radixkv_reused_per_request": r["reused_per_request"],
         **{k: r[k] for k in ("ttft_s", "call_s", "ttft_median_s", "speedup_vs_plain", "same_first_token")},
     }
-
-
-def _real_model_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{_PROG} real-model", description=REAL_MODEL_DOC.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or folder, or a local HF directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=5, help="timed TTFT requests per method (default: 5, at most 5)")
-    p.add_argument("--new-tokens", type=int, default=32, help="most tokens per chat answer (default: 32)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    p.add_argument("--out", type=Path, default=None, help="write results.json and real_model.png here")
-    return p
 
 
 def _real_chat(model: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
@@ -237,7 +222,13 @@ def _real_chat(model: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
 
 
 def real_model_main(argv: Sequence[str] | None = None) -> int:
-    parser = _real_model_parser()
+    parser = argparse.ArgumentParser(prog=f"{_PROG} real-model", description=REAL_MODEL_DOC.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, a GGUF file or folder, or a local HF directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed TTFT requests per method (default: 5, at most 5)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="most tokens per chat answer (default: 32)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json and real_model.png here")
     args = parser.parse_args(argv)
     if not 1 <= args.repeats <= len(ASSISTANT_QUESTIONS) - 1:
         parser.error(f"--repeats must be in 1..{len(ASSISTANT_QUESTIONS) - 1}")
@@ -402,19 +393,6 @@ TOPICS = (
 )  # fmt: skip
 
 
-def load_smollm2(threads: int | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of SmolLM2-135M-Instruct (`models.load("smollm2")`), float32, eval."""
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load(SMOLLM2)
-    return loaded.model, loaded.tokenizer
-
-
-def _spec_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVSpec:
-    k = layers[0][0]  # [1, H, T, D]
-    return KVSpec(len(layers), k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
-
-
 @torch.no_grad()
 def perplexity(model: Any, ids: torch.Tensor, kv_dtype: str | None, segment: int) -> tuple[float, int]:
     """Perplexity of each segment's second half, its first half's KV reused through a PrefixCache."""
@@ -424,8 +402,10 @@ def perplexity(model: Any, ids: torch.Tensor, kv_dtype: str | None, segment: int
     for start in range(0, len(ids) - segment + 1, segment):
         seg = ids[start : start + segment].unsqueeze(0)  # [1, segment]
         past = model(seg[:, :half], use_cache=True).past_key_values
-        kv = [(layer.keys, layer.values) for layer in past.layers]
-        cache = PrefixCache(_spec_of(kv), capacity_tokens=segment, block_size=16, kv_dtype=kv_dtype)
+        kv = [(layer.keys, layer.values) for layer in past.layers]  # [1, H, half, D] each
+        k = kv[0][0]
+        spec = KVSpec(len(kv), k.shape[1], k.shape[3], dtype=k.dtype, device=k.device)
+        cache = PrefixCache(spec, capacity_tokens=segment, block_size=16, kv_dtype=kv_dtype)
         prefix = seg[0, :half].tolist()
         cache.insert(prefix, kv)
         with cache.match(prefix) as m:
@@ -445,14 +425,11 @@ def perplexity(model: Any, ids: torch.Tensor, kv_dtype: str | None, segment: int
 
 def chat_prompts(tok: Any, document: str) -> list[list[int]]:
     """50 chat prompts: the document as system message, one question per topic."""
-    out = []
-    for topic in TOPICS:
-        messages = [
-            {"role": "system", "content": f"Answer from this document.\n\n{document}"},
-            {"role": "user", "content": f"What does the document say about {topic}?"},
-        ]
-        out.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    return [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in out]
+    render = ChatRenderer(tok, None).render
+    system = {"role": "system", "content": f"Answer from this document.\n\n{document}"}
+    return [
+        list(render([system, {"role": "user", "content": f"What does the document say about {t}?"}])) for t in TOPICS
+    ]
 
 
 def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,8 +445,6 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def greedy_agreement(model: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """Per kv_dtype: share of prompts whose greedy output equals plain generate's, first divergences."""
-    import radixkv
-
     pad = 2
     ids, mask = _left_pad(prompts, pad)
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
@@ -511,7 +486,10 @@ def quant_quality_main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    model, tok = load_smollm2(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load(SMOLLM2)
+    model, tok = lm.model, lm.tokenizer
     text = TEXT.read_text()
     ids = torch.tensor(tok(text)["input_ids"])
     print(f"model loaded in {time.perf_counter() - t0:.0f} s; text {len(ids):,} tokens", flush=True)
@@ -591,24 +569,16 @@ def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype) -> dict[str, di
 
 @torch.no_grad()
 def ttft_ratios(repeats: int) -> dict[str, dict[str, float]]:
-    import radixkv
-
-    model, tok = load_smollm2()
-    ids = tok(TEXT.read_text())["input_ids"][:1_136]
+    lm = load(SMOLLM2)
+    ids = lm.tokenizer(TEXT.read_text())["input_ids"][:1_136]
     cached_part = torch.tensor([ids[:1_120]])
     prompt = torch.tensor([ids])
-    wrapped = {kd or "exact": radixkv.wrap(model, capacity_tokens=4_096, kv_dtype=kd) for kd in KV_DTYPES}
+    wrapped = {kd or "exact": radixkv.wrap(lm.model, capacity_tokens=4_096, kv_dtype=kd) for kd in KV_DTYPES}
     for w in wrapped.values():
         w.generate(cached_part, attention_mask=torch.ones_like(cached_part), max_new_tokens=1, do_sample=False)
-
-    def hit(w: Any) -> None:
-        w.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
-
-    def miss() -> None:
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
-
-    calls: dict[str, Callable[[], Any]] = {n: (lambda w=w: hit(w)) for n, w in wrapped.items()}
-    calls["no cache"] = miss
+    one = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 1, "do_sample": False}
+    calls = {n: functools.partial(w.generate, prompt, **one) for n, w in wrapped.items()}
+    calls["no cache"] = functools.partial(lm.model.generate, prompt, **one)
     med = _round_robin(calls, repeats)
     for w in wrapped.values():
         assert w.stats.reused_tokens >= 1_120, w.stats

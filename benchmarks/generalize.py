@@ -1,11 +1,9 @@
 """Generalization suite for eviction policies: cache-only replays of generated hash-id traces.
 
-A policy tuned on one trace can lose on traffic it has never seen. This suite generates traces
-of nine families, each with its parameters drawn per seed from wide ranges, and replays them
-through `PrefixCache` alone (no model) with `trace.replay`, as the production trace is replayed:
-per request, match at most len - 1 tokens, release, insert the prompt. Each hash id is one
-block (`BLOCK` tokens: id h expands to `[h * BLOCK, (h + 1) * BLOCK)`), so equal ids at equal
-positions share a prefix and nothing else collides.
+A policy tuned on one trace can lose on traffic it has never seen. This suite generates traces of
+nine families, each with its parameters drawn per seed from wide ranges, and replays them through
+`PrefixCache` alone with `trace.replay`. Each hash id is one block (`BLOCK` tokens: id h expands to
+`[h * BLOCK, (h + 1) * BLOCK)`), so equal ids at equal positions share a prefix, nothing else.
 
 Families (the shapes prefix caches meet; parameter ranges in each generator):
   chat         multi-turn sessions: Zipf session lengths, exponential think times, a few system prompts
@@ -18,14 +16,14 @@ Families (the shapes prefix caches meet; parameter ranges in each generator):
   tenants      chat, RAG, agents and floods from four tenants (namespaces) interleaved
   longdoc      long prompts from thousands of different first blocks, most used once, some continued
 
-Capacities are fractions of the working set (distinct blocks the trace stores), 1% to 100%.
-The figure of merit is each policy's token hit rate over LRU's at the same point.
+Capacities are fractions of the working set (distinct blocks the trace stores), 1% to 100%; the
+figure of merit is each policy's token hit rate over LRU's at the same point.
 
     python -m radixkv.benchmarks.generalize                 # 9 families x 3 seeds x 5 capacities
     python -m radixkv.benchmarks.generalize --requests 500 --seeds 0 --families chat,rag
 
-Writes `table.md` and `results.json` to `--out` (default benchmarks/results/generalize/).
-Cost: O(prompt blocks) per replay; the default run takes a few minutes on one core.
+Writes `table.md` and `results.json` to `--out` (default benchmarks/results/generalize/); a few
+minutes on one core by default.
 """
 
 from __future__ import annotations

@@ -1,40 +1,30 @@
 """The methods a bench compares, the settings of a run, and the loop that serves a workload.
 
-A method serves a whole `Workload` on one model and yields a `MethodRun`: the tokens it
-generated for every request (to compare methods), timing, and how many prompt tokens it read
-from a cache instead of computing them. Sequential methods (`make(model, workload, settings) ->
-SequentialMethod`) serve one request at a time and are run together, interleaved request by
-request, by `run_interleaved`; batch methods (`make(...) -> MethodRun`) run the workload alone.
-A method that does not apply raises `NotApplicable` with the reason; the table shows the reason
-instead of numbers. `METHODS` lists them in table order; `generate` comes first: it is the
-reference for the token comparison.
+A method serves a whole `Workload` on one model and yields a `MethodRun`: the tokens it generated
+per request (to compare methods), timing, and the prompt tokens it read from a cache. Sequential
+methods (`make(model, workload, settings) -> SequentialMethod`) serve one request at a time and run
+together, interleaved request by request (`run_interleaved`); batch methods (`make(...) ->
+MethodRun`) run the workload alone. A method that does not apply raises `NotApplicable`, whose
+reason the table shows. `METHODS` is in table order; `generate`, first, is the token reference.
 
 - `generate`: plain `model.generate`, one request at a time, no reuse (the baseline).
-- `prompt-reuse`: transformers' documented recipe for one known prefix ("prefill a cache"):
-  compute a `DynamicCache` of a prefix known in advance once, give every request a
-  `copy.deepcopy` of it. The known prefix of each conversation is the workload's `known_prefix`
-  (system prompt or instruction header); it is computed when the first request that needs it
-  arrives, inside that request's timing, and kept for the rest of the run. Nothing else is
-  reused: a later round's history is recomputed past the known prefix.
-- `radixkv`, `radixkv-reuse-generated`: the model wrapped by `radixkv.wrap`, one request at a
-  time, with the default `reuse_generated` and with True; they differ only in half precision,
-  where the default stores prompts only and the other also each answer's decode-step KV. The
-  prompt tokens read from the cache come from the adapter's statistics before and after each
-  request.
-- `continuous-batching`: transformers' `model.generate_batch` with block sharing. Each round of
-  the workload is one `generate_batch` call holding every conversation's request of that round;
-  the manager persists across rounds so cached blocks can serve the next round. Its paged cache
-  (pages of `block_size` tokens, `allow_block_sharing=True`: chained block hashes, every cached
-  block dropped at once under memory pressure) gets radixkv's `capacity_tokens` plus room for a
-  whole round in flight, since its one pool holds both. TTFT is a request's first-token
-  timestamp minus its submission (so it includes queueing behind the batch); total time is the
-  wall time of the calls. Prefix hits are counted by wrapping the cache's `search_prefix_match`
-  (transformers internals: if that method is gone, hits read as 0 and the run notes it).
+- `prompt-reuse`: transformers' documented recipe: a `DynamicCache` of each conversation's
+  `known_prefix`, computed inside the first request that needs it and kept, deep-copied into every
+  request. Nothing else is reused: a later round's history is recomputed past that prefix.
+- `radixkv`, `radixkv-reuse-generated`: the model wrapped by `radixkv.wrap`, with the default
+  `reuse_generated` and with True (they differ in half precision only); the prompt tokens read
+  from the cache come from the adapter's statistics before and after each request.
+- `continuous-batching`: transformers' `model.generate_batch` with block sharing, one call per
+  round holding every conversation's request, the manager kept across rounds. Its paged cache
+  (pages of `block_size`, `allow_block_sharing=True`) gets radixkv's `capacity_tokens` plus room
+  for a whole round in flight, since its one pool holds both. TTFT is a request's first-token
+  timestamp minus its submission (queueing included); total time is the calls' wall time. Hits are
+  counted by wrapping the cache's `search_prefix_match` (transformers internals: if it is gone,
+  hits read as 0 and the run notes it).
 
-TTFT of the sequential methods comes from a streamer (`FirstTokenTimer`): `generate` calls
-``streamer.put`` once with the prompt, then once per generated token, so the second `put` marks
-the first generated token. TTFT = that moment minus the call's start, which includes any prefix
-lookup, KV gather and prefill the method does for the request (batch size 1 only).
+Sequential methods' TTFT comes from a streamer (`FirstTokenTimer`): `generate` puts the prompt,
+then each generated token, so the second `put` marks the first token; TTFT is that moment minus
+the call's start, including any lookup, KV gather and prefill (batch size 1 only).
 """
 
 from __future__ import annotations
@@ -42,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import statistics
@@ -49,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter, process_time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from radixkv.integrations.hf import CACHE_KWARG
@@ -78,30 +69,22 @@ __all__ = [
 
 
 class FirstTokenTimer(BaseStreamer):
-    """A streamer that records when the first generated token arrives.
-
-    Create it right before the generate call (the start time is taken at construction), pass
-    it as `streamer=`, then read `ttft_s` (None if no token was generated).
-    """
+    """A streamer that records when the first generated token arrives: create it right before the
+    generate call (the start time is taken then), pass it as `streamer=`, then read `ttft_s`, the
+    seconds to the first generated token (None if none came). generate puts the prompt first."""
 
     def __init__(self) -> None:
         self.start = perf_counter()
-        self.first_token_at: float | None = None
+        self.ttft_s: float | None = None
         self._puts = 0
 
     def put(self, value: object) -> None:
-        """Called by generate: first with the prompt, then with each new token."""
         self._puts += 1
-        if self._puts == 2 and self.first_token_at is None:
-            self.first_token_at = perf_counter()
+        if self._puts == 2:
+            self.ttft_s = perf_counter() - self.start
 
     def end(self) -> None:
         """Called by generate when it finishes; nothing to do."""
-
-    @property
-    def ttft_s(self) -> float | None:
-        """Seconds from construction to the first generated token."""
-        return None if self.first_token_at is None else self.first_token_at - self.start
 
 
 class NotApplicable(Exception):
@@ -397,13 +380,6 @@ def make_prompt_reuse(model: PreTrainedModel, workload: Workload, settings: Benc
     )
 
 
-def make_radixkv_reuse_generated(
-    model: PreTrainedModel, workload: Workload, settings: BenchSettings
-) -> SequentialMethod:
-    """`make_radixkv` with `reuse_generated=True`."""
-    return make_radixkv(model, workload, settings, reuse_generated=True, name="radixkv-reuse-generated")
-
-
 def make_radixkv(
     model: PreTrainedModel,
     workload: Workload,
@@ -412,42 +388,30 @@ def make_radixkv(
     reuse_generated: bool | None = None,
     name: str = "radixkv",
 ) -> SequentialMethod:
-    """Serve the workload through `radixkv.wrap(model, ...)`; NotApplicable if it is not installed."""
-    try:
-        import radixkv
+    """Serve the workload through `radixkv.wrap(model, ...)`; the prompt tokens a request reused are
+    the adapter's count of prompt tokens whose prefill it skipped."""
+    import radixkv
 
-        wrapped = radixkv.wrap(
-            model,
-            capacity_tokens=settings.capacity_tokens,
-            block_size=settings.block_size,
-            eviction=settings.eviction,
-            reuse_generated=reuse_generated,
-        )
-    except (ImportError, AttributeError) as exc:
-        raise NotApplicable(f"radixkv.wrap is not available ({exc})") from exc
+    wrapped = radixkv.wrap(
+        model,
+        capacity_tokens=settings.capacity_tokens,
+        block_size=settings.block_size,
+        eviction=settings.eviction,
+        reuse_generated=reuse_generated,
+    )
     cache = wrapped.cache
 
-    def reused() -> int:
-        # The adapter's own count of prompt tokens whose prefill it skipped, where it has one;
-        # else the cache's matched tokens (the same thing for one row per call).
-        stats = getattr(wrapped, "stats", None)
-        return stats.reused_tokens if hasattr(stats, "reused_tokens") else cache.stats.hit_tokens
-
     def serve(req: Request) -> RequestResult:
-        hits_before = reused()
+        hits_before = wrapped.stats.reused_tokens
         generated, ttft = generate_streamed(
             wrapped.generate, req.prompt, model.device, workload.max_new_tokens, stop_token_id=workload.stop_token_id
         )
-        cached = reused() - hits_before
+        cached = wrapped.stats.reused_tokens - hits_before
         return RequestResult(req.key, req.prompt, generated, ttft, cached, len(req.prompt) - cached)
 
     def finish() -> dict[str, Any]:
         cache.check_invariants()
-        stats = cache.stats
-        return {
-            "cache_stats": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else {"repr": repr(stats)},
-            "reuse_generated": wrapped.reuse_generated,
-        }
+        return {"cache_stats": dataclasses.asdict(cache.stats), "reuse_generated": wrapped.reuse_generated}
 
     return SequentialMethod(name, serve, ttft_note="streamer, per request", finish=finish)
 
@@ -550,11 +514,10 @@ def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method's name, kind and constructor (see the module docstring); `default`: run when
-    `--methods` is not given."""
+    """A method's name and constructor, sequential or batch by what `make` returns (see the module
+    docstring); `default`: run when `--methods` is not given."""
 
     name: str
-    kind: Literal["sequential", "batch"]
     make: Callable[..., SequentialMethod | MethodRun]
     default: bool = True
 
@@ -562,11 +525,15 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("generate", "sequential", make_generate),
-        MethodSpec("prompt-reuse", "sequential", make_prompt_reuse),
-        MethodSpec("continuous-batching", "batch", run_continuous_batching),
-        MethodSpec("radixkv", "sequential", make_radixkv),
-        MethodSpec("radixkv-reuse-generated", "sequential", make_radixkv_reuse_generated, default=False),
+        MethodSpec("generate", make_generate),
+        MethodSpec("prompt-reuse", make_prompt_reuse),
+        MethodSpec("continuous-batching", run_continuous_batching),
+        MethodSpec("radixkv", make_radixkv),
+        MethodSpec(
+            "radixkv-reuse-generated",
+            functools.partial(make_radixkv, reuse_generated=True, name="radixkv-reuse-generated"),
+            default=False,
+        ),
     )
 }
 DEFAULT_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.default)

@@ -5,25 +5,16 @@
     load("path/dir")                # a folder holding one GGUF file, or a Hugging Face checkpoint
     load("tiny")                    # a random-weight preset (no tokenizer)
 
-Runnable presets (built with seeded random weights, nothing downloaded):
+Runnable presets, built with seeded random weights: ``tiny`` (4-layer Llama, ~0.7M params; tests
+and `radixkv demo --model tiny`) and ``llama-100m`` (12 layers, ~100M params; realistic CPU
+timing). Shape-only presets for `radixkv plan`: ``llama-2-7b``, ``llama-2-70b``, ``llama-3-8b``.
 
-- ``tiny``: 4-layer Llama (hidden 128, 4 query / 2 KV heads, vocab 512), ~0.7M params; tests and
-  `radixkv demo --model tiny`.
-- ``llama-100m``: 12-layer Llama (hidden 768, 12 query / 4 KV heads, vocab 32,000, tied
-  embeddings), ~100M params; realistic CPU timing.
-
-Shape-only presets for `radixkv plan` (their real weight counts, never built with weights):
-``llama-2-7b``, ``llama-2-70b``, ``llama-3-8b``.
-
-GGUF weights are dequantised by transformers (needs the `gguf` and `accelerate` packages) into
-float32; that takes about a minute on 2 CPU cores, mostly in parsing the file's metadata. So the
-first load of a GGUF file also writes the converted checkpoint (safetensors, config, tokenizer)
-to ``$XDG_CACHE_HOME/radixkv/gguf/<name>-<sha256 prefix>-tf<transformers version>/`` (default
-``~/.cache``) and later loads read that in a few seconds. The key holds the file's content hash
-and the transformers version, so an edited file or a new conversion never reuses a stale copy.
-Nothing is ever downloaded: a GGUF folder or a checkpoint directory is read locally.
-
-A missing package raises `MissingDependency` naming the pip command that installs it.
+GGUF weights are dequantised by transformers (needs `gguf` and `accelerate`) into float32, about a
+minute on 2 cores; so the first load also writes the converted checkpoint to
+``$XDG_CACHE_HOME/radixkv/gguf/<name>-<sha256 prefix>-tf<transformers version>/`` (default
+``~/.cache``), which later loads read in seconds. The key holds the file's content hash and the
+transformers version: an edited file or a new conversion never reuses a stale copy. Nothing is
+ever downloaded. A missing package raises `MissingDependency` naming the pip command.
 """
 
 from __future__ import annotations
@@ -128,18 +119,14 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """torch dtype for `name` (float32, float16, bfloat16); ValueError listing the valid ones otherwise."""
     if name not in _DTYPES:
         raise ValueError(f"--dtype {name!r} is not supported; choose one of: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    return getattr(torch, name)
 
 
 def _unknown(spec: str) -> ValueError:
@@ -244,11 +231,10 @@ class MissingDependency(ImportError):
 @dataclass(frozen=True)
 class LoadedModel:
     """A causal LM in eval mode, its tokenizer (None for random-weight presets and bare configs),
-    and where it came from (`source`: the spec as given; `path`: the file or directory read)."""
+    and `path`, the file or directory it was read from."""
 
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any | None  # transformers tokenizer with a chat template, when the checkpoint has one
-    source: str
     path: Path | None
 
 
@@ -301,24 +287,16 @@ def _require_gguf_support() -> None:
         )
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "radixkv" / "gguf"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def converted_dir(gguf: Path) -> Path:
     """Where the converted checkpoint of `gguf` lives (whether or not it was written yet)."""
     import transformers
 
-    return _cache_root() / f"{gguf.stem}-{_file_sha256(gguf)[:16]}-tf{transformers.__version__}"
+    sha = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "radixkv" / "gguf"
+    return base / f"{gguf.stem}-{sha.hexdigest()[:16]}-tf{transformers.__version__}"
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -354,28 +332,14 @@ def _convert(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _checkpoint_for(gguf: Path, *, convert: bool = True) -> Path | None:
-    target = converted_dir(gguf)
-    if (target / "config.json").is_file():
-        return target
-    if not convert:
-        return None
-    _convert(gguf, target)
-    return target
-
-
 def load_gguf_config(gguf: Path) -> Any:
     """The transformers config of a GGUF file: from its converted checkpoint when there is one,
     else parsed from the file's metadata (~20 s on 2 cores; nothing is converted)."""
-    converted = _checkpoint_for(gguf, convert=False)
-    if converted is not None:
+    converted = converted_dir(gguf)
+    if (converted / "config.json").is_file():
         return AutoConfig.from_pretrained(str(converted))
     _require_gguf_support()
     return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def load(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
@@ -390,14 +354,17 @@ def load(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 
     torch_dtype = resolve_dtype(dtype)
     gguf = gguf_location(spec)
     if gguf is not None:
-        checkpoint = _checkpoint_for(gguf)
-        assert checkpoint is not None
+        checkpoint = converted_dir(gguf)
+        if not (checkpoint / "config.json").is_file():
+            _convert(gguf, checkpoint)
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
-        return LoadedModel(model.to(device).eval(), tokenizer, spec, gguf)
+        return LoadedModel(model.to(device).eval(), tokenizer, gguf)
     model = load_model(spec, device=device, dtype=dtype, seed=seed)
     path = Path(spec).expanduser()
     tokenizer = None
-    if path.is_dir() and _has_tokenizer(path):
+    if path.is_dir() and any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return LoadedModel(model, tokenizer, spec, path if path.exists() else None)
+    return LoadedModel(model, tokenizer, path if path.exists() else None)

@@ -40,26 +40,18 @@ def plan_report(
         if params < 0:
             raise ValueError(f"--params must be >= 0, got {params!r}")
         shape = replace(shape, num_params=int(params))
-    w_bytes = dtype_bytes(dtype)
-    kv_bytes = dtype_bytes(kv_dtype) if kv_dtype else w_bytes
+    kv_dtype = kv_dtype or dtype
     plans = plan_scenarios(
         shape,
-        weight_bytes_per_element=w_bytes,
-        kv_bytes_per_element=kv_bytes,
+        weight_bytes_per_element=dtype_bytes(dtype),
+        kv_bytes_per_element=dtype_bytes(kv_dtype),
         context=context,
         memory_bytes=parse_bytes(memory),
     )
     if as_json:
-        return json.dumps(
-            {
-                "model": asdict(shape),
-                "dtype": dtype,
-                "kv_dtype": kv_dtype or dtype,
-                "plans": [asdict(p) for p in plans],
-            },
-            indent=1,
-        )
-    return _text(shape, dtype, kv_dtype or dtype, plans)
+        doc = {"model": asdict(shape), "dtype": dtype, "kv_dtype": kv_dtype, "plans": [asdict(p) for p in plans]}
+        return json.dumps(doc, indent=1)
+    return _text(shape, dtype, kv_dtype, plans)
 
 
 def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan]) -> str:

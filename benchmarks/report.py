@@ -164,6 +164,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out `fig`, write it to `path` (creating the folder) and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_methods(result: BenchResult, path: Path) -> Path:
     """Bar charts of mean TTFT, total time and the share of prompt tokens not computed, per method
     that ran, with the best possible share (unlimited cache) as a dashed line; writes `path`."""
@@ -195,11 +204,7 @@ def plot_methods(result: BenchResult, path: Path) -> Path:
         f"on {m.get('device')} ({result.machine.get('cpu_count')} CPU cores, "
         f"{result.machine.get('torch_threads')} torch threads)"
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_hit_rate_curves(
@@ -226,11 +231,7 @@ def plot_hit_rate_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_real_model(doc: dict[str, Any], path: Path) -> Path:
@@ -260,7 +261,4 @@ def plot_real_model(doc: dict[str, Any], path: Path) -> Path:
     b.set_title(f"{c['turns']}-turn chat, up to {c['max_new_tokens']} new tokens per answer")
     b.legend()
     fig.suptitle(f"{doc['model']} ({doc['dtype']}, {doc['threads']} torch thread(s), CPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -1,17 +1,14 @@
 """Run the methods side by side on one model and workload, compare them, write the outputs; the demo.
 
-All methods run in one process on the same model object, same prompts, same greedy settings,
-after one untimed warm-up generate; the one-request-at-a-time methods are interleaved request
-by request so they share the machine's noise. `generate` is the reference: every other
-method's tokens are compared with it request by request.
+All methods run in one process on the same model, prompts and greedy settings, after one untimed
+warm-up generate; the one-request-at-a-time methods are interleaved request by request. Every
+method's tokens are compared with the reference's, `generate`, request by request.
 
-`radixkv bench WORKLOAD` is `run_model_bench`; `radixkv demo` is `run_demo`: on a model that
-has a tokenizer and a chat template (the default, SmolLM2-135M-Instruct) it runs the three chat
-scenarios (assistant with a long system prompt, a conversation that resends its history, RAG
-over the documents in ``benchmarks/texts/documents/``) through every method and prints a few
-answers (from plain `generate`, with the prompt tokens radixkv reused for that request) above
-each table. A model without a chat template (the random-weight presets) runs the synthetic
-system-prompt workload instead, as `radixkv bench system-prompt` does.
+`radixkv bench WORKLOAD` is `run_model_bench`; `radixkv demo` is `run_demo`: on a model with a
+chat template (the default, SmolLM2-135M-Instruct) it runs the three chat scenarios (assistant,
+chat, RAG) through every method and prints a few answers of plain `generate` (with the prompt
+tokens radixkv reused) above each table; on one without (the presets), the synthetic
+system-prompt workload, as `radixkv bench system-prompt` does.
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ from .workloads import (
     assistant_workload,
     best_hit_tokens,
     chat_workload,
-    get_workload,
     rag_workload,
 )
 
@@ -240,7 +236,7 @@ def run_model_bench(
     """`radixkv bench WORKLOAD`: load the model (unless `model`, the one `settings.model` names, is
     given), build the workload from `params` (its params dataclass), run the methods, print the
     table; with `settings.out`, write ``results.json``, ``table.md`` and ``methods.png`` there."""
-    spec = get_workload(workload)
+    spec = WORKLOADS[workload]
     settings.set_threads()
     settings = settings.with_capacity(32768)
     device = resolve_device(settings.device)

@@ -1,23 +1,21 @@
 """The production conversation trace replayed through `PrefixCache` alone (no model).
 
-Each trace request lists one hash id per 512-token block of its prompt. Hash id `h` expands to
-the token ids `[h * 512, (h + 1) * 512)`, so equal ids give equal tokens and different ids never
-collide; the prompt is cut to `input_length`. Per request, `replay` matches the prompt (at most
-len - 1 tokens, as a server must compute the last one), releases, and inserts the prompt's KV.
+Each trace request lists one hash id per 512-token block of its prompt; hash id `h` expands to the
+token ids `[h * 512, (h + 1) * 512)` (equal ids give equal tokens, different ids never collide),
+cut to `input_length`. Per request, `replay` matches the prompt (at most len - 1 tokens, as a
+server computes the last one), releases, and inserts the prompt's KV.
 
-The bounds work on hash ids alone, never expanding tokens (`block_chains`): block b of a prompt
-is (its parent block, the hash id of its trace block, its index inside it), so equal ids mean
-equal prefixes. `unlimited_hit_tokens` is an unlimited cache fed prompts only;
-`optimum_hit_tokens` the offline optimum: evict the block whose next use is farthest ahead
-(Belady). A parent is used whenever its child is, so a parent's next use is never later than
-its child's; breaking ties deepest first, the farthest block is always a leaf, so this is also
-the best leaf-only eviction and the cache stays prefix-closed. The blocks of the request being
-stored are locked, as in `PrefixCache`. `bypass=True` may also decline to store a block whose
-next use is later than every cached block's, which an insert that always stores cannot do: a
-slightly higher bound. Neither is proved optimal for prefix-weighted token hits, but no eviction
-policy in the cache has come near them. Cost: O(blocks x log blocks) time, O(blocks) memory; the
-full trace (288,500 blocks of 512 tokens, 9 million of 16) takes ~1 s per capacity at 512-token
-blocks; at 16-token blocks ~20 s to prepare, then ~30 s per capacity, in ~1.4 GB.
+The bounds work on hash ids alone (`block_chains`: block b of a prompt is its parent block, its
+trace block's hash id and its index inside it, so equal ids mean equal prefixes).
+`unlimited_hit_tokens` is an unlimited cache fed prompts only; `optimum_hit_tokens` the offline
+optimum, evicting the block whose next use is farthest ahead (Belady). A parent's next use is never
+later than its child's, so with ties broken deepest first the victim is always a leaf: this is also
+the best leaf-only eviction, and the cache stays prefix-closed. The blocks of the request being
+stored are locked, as in `PrefixCache`. `bypass=True` may also decline to store a block needed
+later than every cached one (a slightly higher bound). Neither is proved optimal for
+prefix-weighted token hits, but no policy in the cache has come near them. Cost: O(blocks x log
+blocks) time, O(blocks) memory: ~1 s per capacity for the full trace at 512-token blocks; at 16,
+~20 s to prepare, then ~30 s per capacity, in ~1.4 GB.
 
 Figures (full trace, 16-token blocks; 512-token blocks within 0.001):
 
@@ -34,12 +32,10 @@ about 0.11 at 2,560,000 tokens and about 0.29 at 10,240,000):
     python -m radixkv.benchmarks.trace optimum --capacity-tokens 2560000 --bypass
     python -m radixkv.benchmarks.trace quant --limit 2000    # float16 vs int8 vs int4 at one byte budget
 
-`replay` replays one cache, lower tiers optional (`--host-capacity-tokens`, `--disk-path`).
-`quant` gives each kv_dtype the byte budget of 2,560,000 float16 tokens of one layer and one KV
-head of head_dim 64 (SmolLM2's head: the token ratios depend only on head_dim); quantised
-blocks fit more tokens into it, scales included. The sweep costs one replay per (policy,
-capacity), each O(prompt tokens) (~2 M tokens/s here: ~75 s for the full trace), so the default
-sweep of the full trace takes tens of minutes on 2 cores; use --limit.
+`replay` replays one cache, lower tiers optional. `quant` gives each kv_dtype the byte budget of
+2,560,000 float16 tokens of one layer and KV head of head_dim 64 (SmolLM2's: the ratios depend
+only on head_dim); quantised blocks fit more tokens, scales included. The sweep costs one replay
+per (policy, capacity), ~2 M tokens/s here (~75 s for the full trace): use --limit.
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -169,9 +165,11 @@ def load_trace(path: Path | str | None, limit: int | None = None) -> list[TraceR
     return out
 
 
-def replay(cache: PrefixCache, requests: Sequence[TraceRequest], progress: Iterator | None = None) -> ReplayResult:
+def replay(
+    cache: PrefixCache, requests: Sequence[TraceRequest], progress: Callable[[int], Any] | None = None
+) -> ReplayResult:
     """Match, release and insert every request's prompt (in its namespace); time only the cache calls.
-    `progress`, when given, is advanced once per 100 requests."""
+    `progress`, when given, is called with 100 once per 100 requests (a progress bar's `update`)."""
     spec = cache.spec
     longest = max((r.input_length for r in requests), default=1)
     # One KV source for every request: inserts copy slices of it ([1, H, T, D] per layer).
@@ -193,7 +191,7 @@ def replay(cache: PrefixCache, requests: Sequence[TraceRequest], progress: Itera
         hits += hit
         total += len(ids)
         if progress is not None and i % 100 == 0:
-            next(progress, None)
+            progress(100)
     n = len(requests)
     return ReplayResult(
         requests=n,
@@ -347,49 +345,36 @@ def _farthest(
 # ----- the sweep: `radixkv bench trace` ------------------------------------------------------------
 
 
-def _ticks(bar: tqdm) -> Iterator[None]:
-    """An endless iterator that advances `bar` by 100 requests per `next` (replay's progress hook)."""
-    while True:
-        bar.update(100)
-        yield None
+def run_trace_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """`radixkv bench trace` (the flags of `add_sweep_flags`): hit rate vs capacity for each policy,
+    beside the offline optimum and the unlimited bound; print a markdown table, write results.json,
+    table.md and hit_rate_vs_capacity.png to `--out`.
 
-
-def run_trace_sweep(
-    trace: Path | None,
-    *,
-    out: Path | None,
-    block_size: int = TRACE_BLOCK,
-    capacities: Sequence[int] | None = None,
-    policies: Sequence[str] | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Hit rate vs capacity for each policy, beside the offline optimum and the unlimited bound:
-    print a markdown table, write results.json, table.md and hit_rate_vs_capacity.png to `out`.
-
-    `trace` None finds shared/traces/ beside the repository. Raises ValueError naming a bad
+    No `--trace` finds shared/traces/ beside the repository. Raises ValueError naming a bad
     policy, capacity or block size, FileNotFoundError for a missing trace.
     """
+    out, block_size = args.out, args.block_size
     # LRU and the default are always replayed, side by side, first.
-    policies = list(dict.fromkeys(["lru", DEFAULT_EVICTION, *(policies or DEFAULT_POLICIES)]))
+    chosen = args.policies.split(",") if args.policies else DEFAULT_POLICIES
+    policies = list(dict.fromkeys(["lru", DEFAULT_EVICTION, *chosen]))
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise ValueError(f"--policies: unknown {', '.join(bad)}; choose from {', '.join(POLICIES)}")
-    capacities = sorted(capacities or DEFAULT_CAPACITIES)
+    capacities = sorted([int(float(c)) for c in args.capacities.split(",")] if args.capacities else DEFAULT_CAPACITIES)
     if any(c <= 0 for c in capacities):
         raise ValueError(f"--capacities must be positive token counts, got {capacities}")
-    path = (trace if trace is not None else find_trace()).resolve()
-    requests = load_trace(path, limit)
+    path = (args.trace if args.trace is not None else find_trace()).resolve()
+    requests = load_trace(path, args.limit)
     hit, total = unlimited_hit_tokens(requests, block_size)
     bound = hit / total if total else 0.0
     curves: dict[str, list[float]] = {p: [] for p in policies}
     runs: list[dict[str, Any]] = []
-    bar = tqdm(total=len(policies) * len(capacities) * len(requests), unit="req", disable=not progress)
+    bar = tqdm(total=len(policies) * len(capacities) * len(requests), unit="req", disable=args.no_progress)
     for policy in policies:
         for capacity in capacities:
             bar.set_description(f"{policy} @ {capacity:,}")
             cache = PrefixCache(TINY_SPEC, capacity_tokens=capacity, block_size=block_size, eviction=policy)
-            result = replay(cache, requests, _ticks(bar))
+            result = replay(cache, requests, bar.update)
             cache.check_invariants()
             curves[policy].append(result.hit_rate)
             runs.append({"policy": policy, "capacity_tokens": capacity, **asdict(result)})
@@ -464,19 +449,6 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=None, help="comma-separated eviction policies (default: all)")
     p.add_argument("--out", type=Path, default=Path("radixkv-results") / "trace", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def sweep_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """`run_trace_sweep` with the flags of `add_sweep_flags`."""
-    return run_trace_sweep(
-        args.trace,
-        out=args.out,
-        block_size=args.block_size,
-        capacities=[int(float(c)) for c in args.capacities.split(",")] if args.capacities else None,
-        policies=args.policies.split(",") if args.policies else None,
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
 
 
 def _replay_one(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:

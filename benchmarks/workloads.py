@@ -1,45 +1,31 @@
 """The workloads a bench runs: conversations of token-id turns, the synthetic ones, the chat ones.
 
-Every model workload is a list of conversations; each conversation is a list of user turns
-(token ids). Round r of a conversation sends ``turn_0 + answer_0 + ... + turn_r`` where
-``answer_i`` is what the method generated for round i, so a single-shot workload is simply one
-turn per conversation. Methods run the workload round-major: round 0 of every conversation in
-order, then round 1, and so on (how interleaved chat traffic arrives).
+A model workload is a list of conversations, each a list of user turns (token ids). Round r of a
+conversation sends ``turn_0 + answer_0 + ... + turn_r``, ``answer_i`` being what the method
+generated for round i (a single-shot workload has one turn per conversation). Methods run it
+round-major: round 0 of every conversation in order, then round 1, and so on.
 
 Synthetic workloads (random token ids, any model; `WORKLOADS` names them for `radixkv bench`):
 
-- `system-prompt`: SGLang's generated-shared-prefix workload, scaled to CPU. `groups` x
-  `prompts_per_group` requests; every prompt of a group is the group's random system prompt
-  (`system_tokens`) followed by a random question (`question_tokens`). The first prompt of a
-  group can reuse nothing, every later one reuses the system prompt (in whole blocks), so the
-  best token hit rate has a closed form ``(P - 1) * floor(S / B) * B / (P * (S + Q))``
+- `system-prompt`: SGLang's generated-shared-prefix workload, scaled to CPU: `groups` x
+  `prompts_per_group` prompts, each its group's random system prompt (`system_tokens`) + a random
+  question (`question_tokens`). Every prompt but a group's first reuses the system prompt in whole
+  blocks, so the best token hit rate is ``(P - 1) * floor(S / B) * B / (P * (S + Q))``
   (SGLang's defaults, 16 prompts, S=2048, Q=128, B=1: 15*2048 / (16*2176) = 0.882).
-- `rag`: an instruction header (`header_tokens`, the same for all), then `docs_per_request`
-  documents drawn without replacement from a pool of `docs` (document i drawn with weight
-  1/(i+1)**`skew`), in the order retrieval ranked them (random per request), then a random
-  question. A prefix cache reuses the header and the longest run of leading documents that an
-  earlier prompt had in the same order; a document seen before at another position is
-  recomputed. The workload records the share of prompt tokens that were header or already-seen
-  documents (what a position-independent cache could reuse) beside the best prefix hit rate.
-- `multi-turn`: `conversations` conversations of `rounds` rounds sharing one system prompt;
-  round r sends the whole history (every previous prompt and the answer the method generated)
-  + a new user turn. A prefix cache hits the history only if it stored the answers too.
+- `rag`: a shared header (`header_tokens`), `docs_per_request` documents drawn without replacement
+  from a pool of `docs` (weight 1/(i+1)**`skew`) in a random ranked order, then a question. A prefix
+  cache reuses the header and the longest run of leading documents an earlier prompt had in the
+  same order; the workload also records the share of tokens a position-independent cache could reuse.
+- `multi-turn`: `conversations` x `rounds` sharing one system prompt; each round resends the whole
+  history (prompts and the method's answers) + a new turn: a cache hits it only if it stored answers.
 
-Chat workloads on a real model (`radixkv demo`): prompts are the tokenizer's chat template over
-the texts in ``benchmarks/texts/`` (written for this project):
-
-- `assistant`: one long system prompt (the help-desk assistant, ~1,000 tokens), several user
-  questions, each its own single-turn request;
-- `chat`: a conversation of several turns; round r's prompt is the chat template over the
-  system prompt, every earlier user turn and the model's own earlier answers (decoded text, as
-  a chat application keeps them), then the new user turn;
-- `rag`: an instruction header, then retrieved documents in ranked order, then a question.
-
-Unlike the token workloads, a later chat round's prompt is not ``history + turn`` but a fresh
-rendering of the messages: the template closes each answer with its end-of-turn marker and the
-answer is re-tokenised from its text, so the prompt may share a little less than the whole
-history with what the cache stored. The cache matches token ids, so that only moves the hit
-point; it never changes what is generated. Generation stops at the tokenizer's end-of-turn token.
+Chat workloads on a real model (`radixkv demo`) render the tokenizer's chat template over the
+texts in ``benchmarks/texts/``: `assistant` (a ~1,000-token help-desk system prompt, one request per
+question), `chat` (several turns, each prompt re-rendering the history with the model's decoded
+answers) and `rag` (a header, retrieved documents in ranked order, a question). Since a later chat
+prompt is a fresh rendering (end-of-turn markers, answers re-tokenised from text), it may share a
+little less than the whole history with what the cache stored: that moves the hit point, never what
+is generated. Generation stops at the tokenizer's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -67,7 +53,6 @@ __all__ = [
     "best_hit_tokens",
     "chain_ids",
     "chat_workload",
-    "get_workload",
     "leading_run",
     "rag_workload",
     "read_text",
@@ -147,11 +132,15 @@ class Workload:
         out = []
         for conv in self.conversations:
             if round_index < len(conv.turns):
-                before = history.get(conv.id, ()) if round_index else ()
                 if round_index and conv.id not in history:
                     raise KeyError(f"history for conversation {conv.id!r} is missing at round {round_index}")
-                out.append(Request(conv.id, round_index, before + conv.turns[round_index]))
+                before = history[conv.id] if round_index else ()
+                out.append(Request(conv.id, round_index, self._prompt(conv, round_index, before)))
         return out
+
+    def _prompt(self, conv: Conversation, round_index: int, history: Tokens) -> Tokens:
+        """Round `round_index`'s prompt of `conv`: its history so far (empty at round 0), then the turn."""
+        return history + conv.turns[round_index]
 
 
 def chain_ids(table: dict[Any, int], blocks: Iterable[Hashable], namespace: Hashable = None) -> list[int]:
@@ -203,11 +192,7 @@ def best_hit_tokens(requests: Iterable[tuple[Sequence[int], Sequence[int]]], blo
 
 def _drawer(rng: random.Random, vocab_size: int) -> Callable[[int], Tokens]:
     """`draw(n)`: n uniform random token ids in [3, vocab_size) from `rng` (0-2 are left to special tokens)."""
-
-    def draw(n: int) -> Tokens:
-        return tuple(rng.randrange(3, vocab_size) for _ in range(n))
-
-    return draw
+    return lambda n: tuple(rng.randrange(3, vocab_size) for _ in range(n))
 
 
 # ----- synthetic workloads ------------------------------------------------------------------------
@@ -235,7 +220,6 @@ def build_system_prompt(p: SystemPromptParams, *, vocab_size: int, seed: int, bl
     """Draw the prompts (uniform random ids in [3, vocab_size), seeded); groups run one after another."""
     rng = random.Random(seed)
     draw = _drawer(rng, vocab_size)
-
     convs = []
     for g in range(p.groups):
         system = draw(p.system_tokens)
@@ -276,7 +260,6 @@ def build_rag(p: RagParams, *, vocab_size: int, seed: int, block_size: int) -> W
         raise ValueError(f"docs_per_request ({p.docs_per_request}) must be <= docs ({p.docs})")
     rng = random.Random(seed)
     draw = _drawer(rng, vocab_size)
-
     header = draw(p.header_tokens)
     pool = [draw(p.doc_tokens) for _ in range(p.docs)]
     weights = [1 / (i + 1) ** p.skew for i in range(p.docs)]
@@ -324,7 +307,6 @@ def build_multi_turn(p: MultiTurnParams, *, vocab_size: int, seed: int, block_si
     del block_size  # the best hit rate depends on the answers: computed after the run
     rng = random.Random(seed)
     draw = _drawer(rng, vocab_size)
-
     system = draw(p.system_tokens)
     convs = tuple(
         Conversation(
@@ -376,13 +358,6 @@ WORKLOADS: dict[str, WorkloadSpec] = {
         ),
     )
 }
-
-
-def get_workload(name: str) -> WorkloadSpec:
-    """The spec named `name`; ValueError listing the valid names otherwise."""
-    if name not in WORKLOADS:
-        raise ValueError(f"workload {name!r} is unknown; choose one of: {', '.join(WORKLOADS)}, trace")
-    return WORKLOADS[name]
 
 
 # ----- chat workloads on a real model ---------------------------------------------------------------
@@ -483,21 +458,10 @@ class ChatWorkload(Workload):
     renderer: ChatRenderer | None = None
     user_turns: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def round_requests(self, round_index: int, history: dict[str, Tokens]) -> list[Request]:
+    def _prompt(self, conv: Conversation, round_index: int, history: Tokens) -> Tokens:
         if round_index == 0 or self.renderer is None:
-            return super().round_requests(round_index, history)
-        out = []
-        for conv in self.conversations:
-            if round_index < len(conv.turns):
-                if conv.id not in history:
-                    raise KeyError(f"history for conversation {conv.id!r} is missing at round {round_index}")
-                user = self.user_turns[conv.id][round_index]
-                out.append(
-                    Request(
-                        conv.id, round_index, self.renderer.next_prompt(conv.id, round_index, history[conv.id], user)
-                    )
-                )
-        return out
+            return super()._prompt(conv, round_index, history)
+        return self.renderer.next_prompt(conv.id, round_index, history, self.user_turns[conv.id][round_index])
 
 
 def _system_prefix(renderer: ChatRenderer, system: str, prompt: Tokens) -> Tokens | None:
