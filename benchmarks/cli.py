@@ -27,8 +27,6 @@ from .methods import DEFAULT_METHODS, METHODS, BenchSettings
 from .models import PRESETS, MissingDependency
 from .workloads import WORKLOADS
 
-__all__ = ["build_parser", "main"]
-
 
 def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)

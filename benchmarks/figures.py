@@ -47,8 +47,6 @@ from .workloads import (
     read_text,
 )
 
-__all__ = ["main", "ttft_side_by_side"]
-
 _TTFT_LABELS = {"generate": "plain generate", "prompt-reuse": "deepcopy recipe", "radixkv": "radixkv hit"}
 
 _PROG = "python -m radixkv.benchmarks.figures"

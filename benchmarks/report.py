@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runner import BenchResult, MethodOutcome
 
-__all__ = ["format_table", "plot_hit_rate_curves", "plot_methods", "plot_real_model", "to_json"]
-
 # method -> (label in the table, colour in the plots)
 _STYLE = {
     "generate": ("generate (no reuse)", "#888888"),

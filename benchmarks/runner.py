@@ -42,16 +42,6 @@ from .workloads import (
     rag_workload,
 )
 
-__all__ = [
-    "BenchResult",
-    "MethodOutcome",
-    "machine_info",
-    "resolve_device",
-    "run_demo",
-    "run_methods",
-    "run_model_bench",
-]
-
 _EXCERPT = 110  # characters of each answer printed
 
 

@@ -37,8 +37,6 @@ from radixkv import KVSpec, PrefixCache, RedisOptions
 from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
 from radixkv.redis_tier import RedisTier
 
-__all__ = ["RedisCluster", "RedisServer", "free_port", "main"]
-
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 

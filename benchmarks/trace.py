@@ -59,25 +59,6 @@ from radixkv import DEFAULT_EVICTION, POLICIES, KVSpec, PrefixCache
 from .report import plot_hit_rate_curves
 from .workloads import chain_ids, leading_run
 
-__all__ = [
-    "DEFAULT_CAPACITIES",
-    "TINY_SPEC",
-    "TRACE_BLOCK",
-    "OptimumResult",
-    "ReplayResult",
-    "TraceRequest",
-    "add_sweep_flags",
-    "block_chains",
-    "find_trace",
-    "format_trace_table",
-    "load_trace",
-    "main",
-    "optimum_hit_tokens",
-    "replay",
-    "run_trace_sweep",
-    "unlimited_hit_tokens",
-]
-
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
 TRACE_BLOCK = 512
 # The trace benchmark's spec: 1 layer, 1 KV head, head_dim 8, float16 (32 bytes/token).

@@ -36,28 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "TEXTS",
-    "WORKLOADS",
-    "ChatRenderer",
-    "ChatWorkload",
-    "Conversation",
-    "MultiTurnParams",
-    "RagParams",
-    "Request",
-    "SystemPromptParams",
-    "Tokens",
-    "Workload",
-    "WorkloadSpec",
-    "assistant_workload",
-    "best_hit_tokens",
-    "chain_ids",
-    "chat_workload",
-    "leading_run",
-    "rag_workload",
-    "read_text",
-]
-
 Tokens = tuple[int, ...]
 
 
