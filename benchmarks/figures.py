@@ -109,14 +109,12 @@ def ttft_side_by_side(
     model: Any, prefix: Tokens, warm: Tokens, prompts: Sequence[Tokens], settings: BenchSettings
 ) -> dict[str, Any]:
     """TTFT of each prompt (each starting with `prefix`) through the bench's methods `generate`,
-    `prompt-reuse` and `radixkv`, interleaved request by request by `run_interleaved`, one new token each.
-
-    `warm` goes first and prompts[0] second, neither recorded: `warm` stores the prefix in radixkv
-    and has the recipe compute it, so every recorded request is a hit (radixkv's timed call
-    includes the lookup, KV gather and cache build; the recipe's, the deepcopy of its cache).
-    Returns TTFT lists and medians per method (labelled "plain generate", "deepcopy recipe",
-    "radixkv hit"), the tokens radixkv reused per request after `warm`, and whether every method
-    generated the same token on every request. Raises what a method raised.
+    `prompt-reuse` and `radixkv`, interleaved by `run_interleaved`, one new token each. `warm` goes
+    first and prompts[0] second, neither recorded, so every recorded request is a hit (radixkv's
+    timed call includes the lookup, KV gather and cache build; the recipe's, the deepcopy). Returns
+    TTFT lists and medians per method ("plain generate", "deepcopy recipe", "radixkv hit"), the
+    tokens radixkv reused per request after `warm`, and whether every method generated the same
+    token on every request. Raises what a method raised.
     """
     convs = tuple(Conversation(f"q{i}", (p,), known_prefix=prefix) for i, p in enumerate((warm, *prompts)))
     workload = Workload("ttft", convs, max_new_tokens=1, params={})
@@ -266,10 +264,9 @@ def real_model_main(argv: Sequence[str] | None = None) -> int:
 # ----- lower tiers: TTFT with the prefix in the device pool, host memory, disk --------------------------
 
 
-def _request(model: Any, prefix: list[int], suffix_seed: int, suffix: int, vocab: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(10_000 + suffix_seed)
-    tail = torch.randint(3, vocab, (suffix,), generator=g).tolist()
-    return torch.tensor([prefix + tail])
+def _request(prefix: list[int], suffix_seed: int, suffix: int, vocab: int) -> torch.Tensor:
+    """`prefix` + `suffix` seeded random tokens, as a [1, T] batch."""
+    return torch.tensor([prefix + _tokens(10_000 + suffix_seed, suffix, vocab)])
 
 
 def _timed_call(fn: Any, ids: torch.Tensor) -> tuple[float, int]:
@@ -278,9 +275,8 @@ def _timed_call(fn: Any, ids: torch.Tensor) -> tuple[float, int]:
     return perf_counter() - t0, int(out[0, -1])
 
 
-def _prefix(n: int, vocab: int) -> list[int]:
-    g = torch.Generator().manual_seed(7)
-    return torch.randint(3, vocab, (n,), generator=g).tolist()
+def _tokens(seed: int, n: int, vocab: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -288,7 +284,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype)
     vocab = model.config.vocab_size
-    prefix = _prefix(args.prefix, vocab)
+    prefix = _tokens(7, args.prefix, vocab)
     t0 = perf_counter()
     if args.child == "-":
         fn, setup = model.generate, 0.0
@@ -298,7 +294,7 @@ def _child(args: argparse.Namespace) -> None:
             disk_path=args.child, disk_capacity_bytes=1 << 32,
         )  # fmt: skip
         fn, setup = cached.generate, perf_counter() - t0
-    seconds, token = _timed_call(fn, _request(model, prefix, 999, args.suffix, vocab))
+    seconds, token = _timed_call(fn, _request(prefix, 999, args.suffix, vocab))
     print(json.dumps({"seconds": seconds, "setup_seconds": setup, "token": token}))
 
 
@@ -320,7 +316,7 @@ def ttft_tiers_main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype)
     vocab = model.config.vocab_size
-    prefix = _prefix(args.prefix, vocab)
+    prefix = _tokens(7, args.prefix, vocab)
     cap = 4 * args.prefix
     tmp = tempfile.TemporaryDirectory(prefix="radixkv-ttft-")
     host = radixkv.wrap(model, capacity_tokens=cap, block_size=args.block_size, host_capacity_tokens=4 * cap)
@@ -328,7 +324,7 @@ def ttft_tiers_main(argv: list[str] | None = None) -> None:
         model, capacity_tokens=cap, block_size=args.block_size, disk_path=tmp.name, disk_capacity_bytes=1 << 32
     )
     for w in (host, disk):  # warm-up: store the prefix (not timed)
-        w.generate(_request(model, prefix, 0, args.suffix, vocab), max_new_tokens=1, do_sample=False)
+        w.generate(_request(prefix, 0, args.suffix, vocab), max_new_tokens=1, do_sample=False)
     assert host.cache is not None and disk.cache is not None
     # source -> (the cache evicted to its lower tier just before, the generate that serves the request)
     sources = {
@@ -340,7 +336,7 @@ def ttft_tiers_main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in sources}
     for r in range(1, args.repeats + 1):
         tokens = set()
-        ids = _request(model, prefix, r, args.suffix, vocab)
+        ids = _request(prefix, r, args.suffix, vocab)
         for name, (evicted, generate) in sources.items():
             if evicted is not None:
                 evicted.evict(cap)

@@ -434,12 +434,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{took:.0f} s.\n\n"
     )
     (args.out / "table.md").write_text(header + table + "\n")
-    doc = {
-        "default": DEFAULT_EVICTION,
-        "requests": args.requests,
-        "block": BLOCK,
-        "points": [asdict(p) for p in points],
-    }
+    doc = {"default": DEFAULT_EVICTION, "requests": args.requests, "block": BLOCK, "points": list(map(asdict, points))}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"\nwrote {args.out / 'table.md'} and {args.out / 'results.json'}")
 

@@ -198,11 +198,8 @@ class MethodRun:
 
 
 def greedy_config(max_new_tokens: int, stop_token_id: int | None = None) -> GenerationConfig:
-    """A fresh greedy config generating `max_new_tokens`, or fewer when `stop_token_id` comes
-    (None: no stop, exactly `max_new_tokens`); pad id 0.
-
-    Fresh per call because some callers (continuous batching) mutate the config they get.
-    """
+    """A fresh greedy config (continuous batching mutates it) generating `max_new_tokens`, or fewer
+    when `stop_token_id` comes (None: exactly `max_new_tokens`); pad id 0."""
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_id, pad_token_id=0)
 
 
@@ -256,15 +253,12 @@ class _Progress:
 def run_interleaved(
     methods: list[SequentialMethod], workload: Workload, *, progress: bool
 ) -> list[MethodRun | BaseException]:
-    """Serve the workload with every method, interleaved request by request, round-major.
-
-    Request i goes to method A, then B, then C, before request i+1: all methods share the
-    machine's noise (other processes, frequency changes) instead of one method getting a quiet
-    minute and another a busy one. Each method threads its own answers into its conversations'
-    history. A method's total time is the sum of its own `serve` wall times (its CPU time is
-    recorded too). A method whose `serve` raises stops there; its slot in the returned list (same
-    order as `methods`) holds the exception, the others go on. KeyboardInterrupt propagates.
-    """
+    """Serve the workload with every method, round-major, interleaved request by request: request
+    i goes to method A, then B, then C, before request i+1, so all methods share the machine's noise.
+    Each method threads its own answers into its conversations' history; its total time is the sum
+    of its `serve` wall times (CPU time recorded too). A method whose `serve` raises stops there: its
+    slot in the returned list (same order as `methods`) holds the exception, the others go on.
+    KeyboardInterrupt propagates."""
     states = [_Progress(m) for m in methods]
     bar = tqdm(
         total=workload.num_requests * len(methods),

@@ -24,6 +24,9 @@ _STYLE = {
 }
 
 
+_PER_REQUEST = ("key", "prompt_tokens", "cached_tokens", "computed_tokens", "ttft_s")  # + "generated"
+
+
 def _method_json(o: MethodOutcome) -> dict[str, Any]:
     row: dict[str, Any] = {"method": o.name, "status": o.status, "reason": o.reason or None}
     if o.run is None:
@@ -45,15 +48,7 @@ def _method_json(o: MethodOutcome) -> dict[str, Any]:
         mismatched_requests=o.mismatches,
         extra=run.extra,
         per_request=[
-            {
-                "key": r.key,
-                "prompt_tokens": r.prompt_tokens,
-                "cached_tokens": r.cached_tokens,
-                "computed_tokens": r.computed_tokens,
-                "ttft_s": r.ttft_s,
-                "generated": list(r.generated),
-            }
-            for r in run.requests
+            {**{k: getattr(r, k) for k in _PER_REQUEST}, "generated": list(r.generated)} for r in run.requests
         ],
     )
     return row
@@ -206,12 +201,7 @@ def plot_methods(result: BenchResult, path: Path) -> Path:
 
 
 def plot_hit_rate_curves(
-    capacities: Sequence[int],
-    curves: Mapping[str, Sequence[float]],
-    path: Path,
-    *,
-    bound: float | None,
-    title: str,
+    capacities: Sequence[int], curves: Mapping[str, Sequence[float]], path: Path, *, bound: float | None, title: str
 ) -> Path:
     """Token hit rate vs cache capacity (tokens, log x), one line per policy, plus the
     unlimited-cache bound as a dashed line; writes `path`."""

@@ -106,28 +106,18 @@ def _describe(exc: BaseException) -> str:
     return traceback.format_exception_only(type(exc), exc)[-1].strip()[:300]
 
 
-def _warm_up(model: PreTrainedModel) -> None:
-    """One short untimed generate so no method pays first-call costs (allocator, kernels)."""
+def run_methods(
+    model: PreTrainedModel, workload: Workload, settings: BenchSettings, model_info: dict[str, Any]
+) -> BenchResult:
+    """Run `settings.methods` on `workload` and compare their tokens: batch methods alone, in order,
+    then the sequential ones interleaved (`run_interleaved`); rows keep the order of `methods`. A
+    method raising `NotApplicable` becomes an "n/a" row, any other exception a "failed" row with its
+    type and message (the run goes on). The best hit rate comes from the reference's prompts and
+    answers (`best_hit_tokens`)."""
+    methods = settings.methods
+    # One short untimed generate so no method pays first-call costs (allocator, kernels).
     ids = torch.arange(3, 35, device=model.device).unsqueeze(0) % model.config.get_text_config().vocab_size
     model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy_config(2))
-
-
-def run_methods(
-    model: PreTrainedModel,
-    workload: Workload,
-    settings: BenchSettings,
-    model_info: dict[str, Any],
-) -> BenchResult:
-    """Run `settings.methods` on `workload` and compare their tokens.
-
-    Batch methods run alone, in order; the sequential ones then run interleaved request by
-    request (`run_interleaved`). Rows keep the order of `methods`. A method raising
-    `NotApplicable` becomes an "n/a" row; any other exception a "failed" row with the
-    exception's type and message (the run goes on). The best hit rate is computed from the
-    reference's prompts and answers (see `best_hit_tokens`).
-    """
-    methods = settings.methods
-    _warm_up(model)
     outcomes: dict[str, MethodOutcome] = {}
     sequential: list[SequentialMethod] = []
     with torch.no_grad():
@@ -239,8 +229,7 @@ def run_model_bench(
     preset = PRESETS.get(settings.model)
     info = _model_info(settings, model, device, preset.description if preset else settings.model)
     result = _run_and_write(model, built, settings, info, title=built.name, out=settings.out)
-    if settings.out is not None:
-        out = settings.out
+    if (out := settings.out) is not None:
         print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'methods.png'}")
     return result
 

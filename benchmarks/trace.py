@@ -108,13 +108,6 @@ class ReplayResult:
     cpu_us_per_request: float
     tokens_per_second: float
 
-    def row(self) -> str:
-        return (
-            f"hit rate {self.hit_rate:.4f} | {self.us_per_request:8.1f} us/request "
-            f"({self.cpu_us_per_request:.1f} us CPU) | "
-            f"{self.tokens_per_second / 1e6:6.2f} M tokens/s | {self.requests} requests"
-        )
-
 
 def find_trace(start: Path | None = None) -> Path:
     """The trace in `shared/traces/` beside the repository (or any parent of the cwd)."""
@@ -449,7 +442,10 @@ def _replay_one(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
         doc = {"eviction": args.eviction, "capacity_tokens": args.capacity_tokens, **asdict(result), "tiers": tiers}
         print(json.dumps(doc))
     else:
-        print(f"{args.eviction:>8} @ {args.capacity_tokens:,} tokens: {result.row()}")
+        r = result
+        print(f"{args.eviction:>8} @ {args.capacity_tokens:,} tokens: hit rate {r.hit_rate:.4f} | "
+              f"{r.us_per_request:8.1f} us/request ({r.cpu_us_per_request:.1f} us CPU) | "
+              f"{r.tokens_per_second / 1e6:6.2f} M tokens/s | {r.requests} requests")  # fmt: skip
         for name, st in tiers.items():
             print(f"    {name}: {st}")
 
