@@ -29,6 +29,7 @@ minutes on one core by default.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -62,16 +63,12 @@ class Trace:
     requests: list[Request]
 
 
-class _Ids:
-    """Fresh hash ids: each call gives ids no earlier call gave."""
+_Ids = Callable[[int], tuple[int, ...]]  # ids(n): n fresh hash ids, none given by an earlier call
 
-    def __init__(self) -> None:
-        self.next = 1
 
-    def __call__(self, n: int) -> tuple[int, ...]:
-        out = tuple(range(self.next, self.next + n))
-        self.next += n
-        return out
+def _fresh_ids() -> _Ids:
+    counter = itertools.count(1)
+    return lambda n: tuple(itertools.islice(counter, n))
 
 
 def _draw_params(rng: random.Random, **ranges: Any) -> dict[str, Any]:
@@ -85,11 +82,7 @@ def _draw_params(rng: random.Random, **ranges: Any) -> dict[str, Any]:
 
 def _zipf_cum(n: int, a: float) -> list[float]:
     """Cumulative weights of ranks 1..n under Zipf exponent `a` (for `random.choices`)."""
-    cum, s = [], 0.0
-    for r in range(1, n + 1):
-        s += r**-a
-        cum.append(s)
-    return cum
+    return list(itertools.accumulate(r**-a for r in range(1, n + 1)))
 
 
 def _zipf(rng: random.Random, cum: list[float]) -> int:
@@ -299,7 +292,7 @@ def generate(family: str, seed: int, requests: int) -> Trace:
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is unknown; choose from {', '.join(FAMILIES)}")
     rng = random.Random(f"{family}/{seed}")
-    params, reqs = FAMILIES[family](rng, requests, _Ids())
+    params, reqs = FAMILIES[family](rng, requests, _fresh_ids())
     return Trace(family, seed, params, reqs)
 
 

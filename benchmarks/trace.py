@@ -465,8 +465,9 @@ def _quant(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
     budget = args.float16_tokens * QUANT_SPEC.bytes_per_token
     rows = []
     print(f"budget {budget:,} B (= {args.float16_tokens:,} float16 tokens of head_dim 64), {len(reqs):,} requests")
-    print("| policy | kv_dtype | bytes/token | capacity tokens | x float16 | hit rate | replay s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| policy | kv_dtype | bytes/token | capacity tokens | x float16 | hit rate | replay s |\n" + "|---" * 7 + "|"
+    )
     for policy in args.policies.split(","):
         base = None
         for kv_dtype in (None, "int8", "int4"):
@@ -481,13 +482,9 @@ def _quant(args: argparse.Namespace, reqs: list[TraceRequest]) -> None:
             row = {
                 "policy": policy,
                 "kv_dtype": kv_dtype or "float16",
-                "bytes_per_token": s.bytes_per_token,
-                "capacity_tokens": s.capacity_tokens,
-                "capacity_bytes": s.capacity_bytes,
+                **{k: getattr(s, k) for k in ("bytes_per_token", "capacity_tokens", "capacity_bytes")},
                 "token_ratio": s.capacity_tokens / base,
-                "hit_rate": result.hit_rate,
-                "hit_tokens": result.hit_tokens,
-                "prompt_tokens": result.prompt_tokens,
+                **{k: getattr(result, k) for k in ("hit_rate", "hit_tokens", "prompt_tokens")},
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
