@@ -71,6 +71,7 @@ DEFAULT_CAPACITIES = (500_000, 1_000_000, 2_560_000, 5_000_000, 10_000_000)
 # `priority` equals its tie-break here (the trace has no priorities); the default policy is always shown beside LRU.
 DEFAULT_POLICIES = tuple(dict.fromkeys(("lru", DEFAULT_EVICTION, "fifo", "lfu", "reuse")))
 NEVER = math.inf
+_Entry = tuple[float, int, int]  # a heap entry of the optimum: (-next use, -depth, block)
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,7 @@ def _optimum(
     bypass: bool,
 ) -> OptimumResult:
     cached: dict[int, float] = {}  # block -> its next use (its current heap key)
-    heap: list[tuple[float, int, int]] = []  # (-next use, -depth, block); stale entries skipped
+    heap: list[_Entry] = []  # stale entries skipped
     hit = total = 0
     for i, chain in enumerate(chains):
         total += requests[i].input_length
@@ -275,7 +276,7 @@ def _optimum(
             cached[b] = uses[j]
             heapq.heappush(heap, (-uses[j], -j, b))
         locked = set(chain)
-        set_aside: list[tuple[float, int, int]] = []  # locked heap entries, listed again after
+        set_aside: list[_Entry] = []  # locked heap entries, listed again after
         for j in range(len(chain)):
             b = chain[j]
             if b in cached:
@@ -296,12 +297,7 @@ def _optimum(
     return OptimumResult(capacity * block_size, block_size, hit, total)
 
 
-def _farthest(
-    heap: list[tuple[float, int, int]],
-    cached: dict[int, float],
-    locked: set[int],
-    set_aside: list[tuple[float, int, int]],
-) -> tuple[float, int, int] | None:
+def _farthest(heap: list[_Entry], cached: dict[int, float], locked: set[int], set_aside: list[_Entry]) -> _Entry | None:
     """Pop the heap entry of the unlocked cached block with the farthest next use (deepest on
     ties), or None; entries of locked blocks go to `set_aside`, stale ones are dropped."""
     while heap:

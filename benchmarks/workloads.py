@@ -449,13 +449,9 @@ def _system_prefix(renderer: ChatRenderer, system: str, prompt: Tokens) -> Token
 
 
 def _single_turns(
-    name: str,
-    renderer: ChatRenderer,
-    system: str,
-    requests: Sequence[tuple[str, str]],
-    max_new_tokens: int,
-    notes: tuple[str, ...] = (),
+    name: str, renderer: ChatRenderer, system: str, requests: Sequence[tuple[str, str]], max_new_tokens: int, note: str
 ) -> ChatWorkload:
+    """One single-turn conversation per (id, user message) of `requests`, under the system message `system`."""
     convs = []
     for conv_id, user in requests:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -467,7 +463,7 @@ def _single_turns(
         conversations=tuple(convs),
         max_new_tokens=max_new_tokens,
         params={"requests": len(convs), "new_tokens": max_new_tokens},
-        notes=notes,
+        notes=(note,),
         stop_token_id=renderer.stop_token_id,
         renderer=renderer,
         user_turns={c: (u,) for c, u in requests},
@@ -479,15 +475,10 @@ def assistant_workload(
 ) -> ChatWorkload:
     """The help-desk assistant: the long system prompt, then `questions` single-turn questions."""
     renderer = ChatRenderer(tokenizer, stop_token_id)
-    asked = ASSISTANT_QUESTIONS[:questions]
-    return _single_turns(
-        "assistant",
-        renderer,
-        read_text("assistant_system_prompt.md"),
-        [(f"q{i}", q) for i, q in enumerate(asked)],
-        max_new_tokens,
-        notes=("one long system prompt (benchmarks/texts/assistant_system_prompt.md), one request per question",),
-    )
+    asked = [(f"q{i}", q) for i, q in enumerate(ASSISTANT_QUESTIONS[:questions])]
+    system = read_text("assistant_system_prompt.md")
+    note = "one long system prompt (benchmarks/texts/assistant_system_prompt.md), one request per question"
+    return _single_turns("assistant", renderer, system, asked, max_new_tokens, note)
 
 
 def rag_workload(
@@ -499,17 +490,11 @@ def rag_workload(
     for i, (docs, question) in enumerate(RAG_REQUESTS[:requests]):
         body = "\n\n".join(f"Document {k + 1}:\n{read_text(f'documents/{d}.md')}" for k, d in enumerate(docs))
         rows.append((f"q{i}[{','.join(docs)}]", f"{body}\n\nQuestion: {question}"))
-    return _single_turns(
-        "rag",
-        renderer,
-        RAG_SYSTEM,
-        rows,
-        max_new_tokens,
-        notes=(
-            "documents from benchmarks/texts/documents/ in retrieval order; a prefix cache reuses the header "
-            "and a leading document an earlier prompt had first, not one seen at another position",
-        ),
+    note = (
+        "documents from benchmarks/texts/documents/ in retrieval order; a prefix cache reuses the header "
+        "and a leading document an earlier prompt had first, not one seen at another position"
     )
+    return _single_turns("rag", renderer, RAG_SYSTEM, rows, max_new_tokens, note)
 
 
 def chat_workload(
