@@ -14,8 +14,9 @@ the best leaf-only eviction, and the cache stays prefix-closed. The blocks of th
 stored are locked, as in `PrefixCache`. `bypass=True` may also decline to store a block needed
 later than every cached one (a slightly higher bound). Neither is proved optimal for
 prefix-weighted token hits, but no policy in the cache has come near them. Cost: O(blocks x log
-blocks) time, O(blocks) memory: ~1 s per capacity for the full trace at 512-token blocks; at 16,
-~20 s to prepare, then ~30 s per capacity, in ~1.4 GB.
+blocks) time, O(blocks) memory: the full trace (288,500 blocks of 512 tokens, 9 million of 16)
+takes ~1 s per capacity at 512-token blocks; at 16, ~20 s to prepare, then ~30 s per capacity, in
+~1.4 GB.
 
 Figures (full trace, 16-token blocks; 512-token blocks within 0.001):
 
@@ -35,7 +36,8 @@ about 0.11 at 2,560,000 tokens and about 0.29 at 10,240,000):
 `replay` replays one cache, lower tiers optional. `quant` gives each kv_dtype the byte budget of
 2,560,000 float16 tokens of one layer and KV head of head_dim 64 (SmolLM2's: the ratios depend
 only on head_dim); quantised blocks fit more tokens, scales included. The sweep costs one replay
-per (policy, capacity), ~2 M tokens/s here (~75 s for the full trace): use --limit.
+per (policy, capacity), ~2 M tokens/s here (~75 s for the full trace): the default sweep of the
+full trace takes tens of minutes on 2 cores; use --limit.
 """
 
 from __future__ import annotations
