@@ -354,3 +354,15 @@ def test_an_insert_never_evicts_the_prefix_it_extends() -> None:
         assert m.num_tokens == 16
         assert torch.equal(cache.gather(m)[0][0], kv_for(longer)[0][0][:, :, :16])
     cache.check_invariants()
+
+
+def test_cache_options_lists_exactly_prefix_cache_keywords() -> None:
+    """wrap passes CacheOptions through to PrefixCache and rejects any other keyword, so the two
+    lists must stay the same: a keyword added to one only would be refused or untyped."""
+    import inspect
+
+    from radixkv.cache import CacheOptions
+
+    params = inspect.signature(PrefixCache.__init__).parameters
+    keywords = {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(CacheOptions.__annotations__) == keywords
