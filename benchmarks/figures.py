@@ -86,8 +86,8 @@ token by token with plain `model.generate`: the share identical, and where the o
 QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side by side (round robin, medians).
 
 1. gather: `PrefixCache.gather` of `--tokens` tokens with dequantisation (int8, int4) vs the
-   exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32 and
-   float16. Also insert (which quantises) for information.
+   exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32,
+   float16 and bfloat16. Also insert (which quantises) for information.
 2. TTFT of a hit (`--ttft`, loads SmolLM2): `generate(max_new_tokens=1)` on a prompt whose
    first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
 """
@@ -592,7 +592,7 @@ def quant_speed_main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}; gather of {args.tokens:,} tokens, 30 layers x 3 heads x 64")
     print("| dtype | kv_dtype | gather ms | gather vs exact | insert ms | insert vs exact |\n|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for name, r in gather_ratios(args.tokens, args.repeats, dtype).items():
             print(
                 f"| {str(dtype).removeprefix('torch.')} | {name} | {r['gather_ms']:.2f} | {r['gather_ratio']:.2f}x "

@@ -7,7 +7,7 @@ the kv_dtype appended for quantised KV: `float16-int8`), the namespace key, the 
 ids (uint32 when they all fit, else uint64), the block hashes, one xxh3-64 checksum per block's
 payload, and an xxh3-64 checksum of everything before it. The payload follows: one
 `[L, 2, H, block_size, D]` block after another (quantised KV: `[L, 2, H, block_size, W]` bytes,
-each token-head's codes then its float16 scales). A disk file is one such run; a Redis value is
+each token-head's codes then its float16 scales: KVQuantizer.encode). A disk file is one such run; a Redis value is
 a run of one block.
 
 Decoding checks only what the bytes say about themselves (magic, version, sizes, the header
@@ -29,7 +29,8 @@ from .quant import KVQuantizer
 from .spec import KVSpec
 
 MAGIC = b"RKVD"
-FORMAT_VERSION = 1
+# 2: int4 codes pack channels 2j and 2j + 1 into byte j (1 packed j and j + head_dim / 2).
+FORMAT_VERSION = 2
 # magic, version, num_layers, num_kv_heads, head_dim, block_size, dtype length, namespace length,
 # blocks, token width (4 or 8 bytes), parent hash, bytes per block.
 FIXED = struct.Struct("<4sIIIIIIIIIQQ")

@@ -12,6 +12,15 @@ from .spec import KVSpec
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
+# torch's fused 4-bit embedding-bag kernel (FBGEMM on x86, a portable loop elsewhere): rows of
+# `[packed codes, float16 scale, float16 bias]`, each selected row dequantised to float32 as
+# `code * scale + bias` in one pass. A module switch so tests can compare it with the plain path.
+_FUSED_OP = getattr(torch.ops.quantized, "embedding_bag_4bit_rowwise_offsets", None)
+FUSED_INT4 = _FUSED_OP is not None
+# Half precision outputs are cast from the kernel's float32 in chunks of this many bytes, so each
+# chunk is still in cache when it is cast.
+FUSED_CHUNK_BYTES = 2 << 20
+
 
 class KVPool:
     """Fixed-size KV blocks for all layers in one tensor on `spec.device`.
@@ -22,10 +31,11 @@ class KVPool:
     Allocated once at construction; never resized. Thread safety comes from the cache: writes
     go only to blocks that no one else can reach yet, reads only to locked blocks.
 
-    With a `quantizer` (kv_dtype "int8" / "int4") the same layout holds codes instead,
-    `codes` `[L, 2, H, num_blocks, block_size, code_dim]` and float16 `scales`
-    `[L, 2, H, num_blocks, block_size, scale_dim]`: `write` quantises and `gather` dequantises
-    back to `spec.dtype`, a few tensor ops per layer each (K and V of a layer together).
+    With a `quantizer` (kv_dtype "int8" / "int4") the same layout holds codes and float16 scales
+    instead of the D values: uint8 `[L, 2, H, num_blocks, block_size, row_bytes]`, each block of a
+    head in `KVQuantizer.encode`'s form, which is also the form the lower tiers keep. `write`
+    quantises and `gather` dequantises back to `spec.dtype`, a few tensor ops per layer; on CPU,
+    int4 rows are selected and dequantised by one fused kernel per layer.
     """
 
     def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, quantizer: KVQuantizer | None = None) -> None:
@@ -35,19 +45,14 @@ class KVPool:
         self.quantizer = quantizer
         # zeros, not empty: commit every page now, so no request pays for first-touch faults
         # and resident memory does not grow after construction.
-        lead = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size)
-        if quantizer is None:
-            self.data = torch.zeros((*lead, spec.head_dim), dtype=spec.dtype, device=spec.device)
-            self._tensors = (self.data,)
-        else:
-            self.codes = torch.zeros((*lead, quantizer.code_dim), dtype=quantizer.code_dtype, device=spec.device)
-            self.scales = torch.zeros((*lead, quantizer.scale_dim), dtype=torch.float16, device=spec.device)
-            self._tensors = (self.codes, self.scales)
+        shape, dtype = self.stored_block
+        lead = (spec.num_layers, 2, spec.num_kv_heads, num_blocks)
+        self.data = torch.zeros((*lead, *shape[3:]), dtype=dtype, device=spec.device)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the pool's tensors (codes and scales when quantised)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors)
+        """Bytes of the pool's tensor (codes and scales when quantised)."""
+        return self.data.numel() * self.data.element_size()
 
     def write(self, block_ids: list[int], kv: Sequence[LayerKV], start: int) -> None:
         """Copy tokens `[start, start + len(block_ids) * block_size)` of `kv` into `block_ids`.
@@ -67,17 +72,12 @@ class KVPool:
         shape = (spec.num_kv_heads, n, bs, spec.head_dim)
         scratch = None if quant is None else torch.empty(shape, dtype=torch.float32, device=spec.device)
         for layer, (k, v) in enumerate(kv):
-            # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
-            src_k = k[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
-            src_v = v[0, :, start:end].reshape(spec.num_kv_heads, n, bs, spec.head_dim)
-            if quant is None:
-                self.data[layer, 0].index_copy_(1, idx, src_k)
-                self.data[layer, 1].index_copy_(1, idx, src_v)
-                continue
-            for which, src in ((0, src_k), (1, src_v)):
-                codes, scales = quant.quantize(src, scratch)  # [H, n, bs, code_dim], [H, n, bs, scale_dim]
-                self.codes[layer, which].index_copy_(1, idx, codes)
-                self.scales[layer, which].index_copy_(1, idx, scales)
+            for which, x in ((0, k), (1, v)):
+                # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
+                src = x[0, :, start:end].reshape(shape)
+                if quant is not None:
+                    src = quant.encode(src, scratch)  # [H, n, bs, row_bytes]
+                self.data[layer, which].index_copy_(1, idx, src)
 
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
         """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.
@@ -86,6 +86,7 @@ class KVPool:
         result a separate allocation. On CUDA the caching allocator reuses them between requests;
         on a CPU glibc returns freed blocks of this size to the system by default, so every gather
         faults its output pages in again (see the README for the malloc settings that avoid it).
+        Quantised: see `_gather_quantized`.
         """
         n = len(block_ids)
         spec, bs = self.spec, self.block_size
@@ -104,74 +105,85 @@ class KVPool:
         return out
 
     def _gather_quantized(self, idx: torch.Tensor, n: int) -> list[LayerKV]:
-        """Dequantising gather: every layer's scales in one select and one float32 conversion;
-        per layer, one select of K and V codes together and one dequantise into `[2, H, n * bs, D]`
-        whose halves are the layer's K and V. Half precision outputs on CPU are computed in one
-        float32 scratch that all layers reuse (see `KVQuantizer.dequantize`)."""
+        """Dequantising gather, per layer one `[2, H, n * bs, D]` result whose halves are K and V.
+
+        int4 on CPU with one group per head: torch's fused 4-bit embedding-bag kernel reads each
+        selected token-head row and writes `q * s + m` in float32, one pass and one call per layer
+        (bags of one row each). Otherwise: every layer's scales in one select, then per layer one
+        select of its codes into a buffer all layers reuse and one `KVQuantizer.dequantize`.
+        """
         spec, bs, quant = self.spec, self.block_size, self.quantizer
         assert quant is not None
-        lead = (spec.num_layers, 2, spec.num_kv_heads, self.num_blocks)
-        codes = self.codes.view(*lead, bs * quant.code_dim)
-        shape = (2, spec.num_kv_heads, n * bs)
-        work = torch.float32 if self.codes.device.type == "cpu" else spec.dtype
-        scales = self.scales.view(*lead, bs * quant.scale_dim).index_select(3, idx)
-        scales = scales.view(spec.num_layers, *shape, quant.scale_dim).to(work)  # [L, 2, H, n * bs, scale_dim]
+        dev, heads, t = self.data.device, spec.num_kv_heads, n * bs
+        if dev.type == "cpu" and not quant.symmetric and quant.num_groups == 1 and FUSED_INT4:
+            # Row of (K/V, head, block, token) in a layer's [2H * num_blocks * bs, row_bytes] view, in
+            # output order: ([2H, 1] * num_blocks + [n]) -> [2H * n, 1], * bs + [bs] -> [2H * T].
+            blocks = torch.arange(2 * heads, device=dev)[:, None] * self.num_blocks + idx
+            rows = (blocks.reshape(-1, 1) * bs + torch.arange(bs, device=dev)).reshape(-1)
+            per_layer = self.data.view(spec.num_layers, -1, quant.row_bytes)
+            return [self._dequantize_rows_fused(per_layer[layer], rows) for layer in range(spec.num_layers)]
+        work = torch.float32 if dev.type == "cpu" else spec.dtype
+        codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
+        # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> work dtype.
+        scales = scale_bytes.index_select(3, idx).view(torch.float16).to(work)
+        selected = torch.empty((2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
         scratch = None
         if work != spec.dtype:
-            scratch = torch.empty((*shape, spec.head_dim), dtype=work, device=self.codes.device)
+            scratch = torch.empty((2, heads, n, bs, spec.head_dim), dtype=work, device=dev)
         out: list[LayerKV] = []
         for layer in range(spec.num_layers):
-            c = codes[layer].index_select(2, idx).view(*shape, quant.code_dim)  # [2, H, n * bs, code_dim]
-            kv = quant.dequantize(c, scales[layer], spec.dtype, scratch)  # [2, H, n * bs, D], fresh
+            torch.index_select(codes[layer], 2, idx, out=selected)
+            kv = quant.dequantize(selected, scales[layer], spec.dtype, scratch)  # [2, H, n, bs, D], fresh
+            kv = kv.view(2, heads, t, spec.head_dim)
             out.append((kv[0:1], kv[1:2]))
         return out
+
+    def _dequantize_rows_fused(self, weight: torch.Tensor, rows: torch.Tensor) -> LayerKV:
+        """One layer: `weight` uint8 `[2H * num_blocks * bs, row_bytes]`, `rows` `[2H * T]` -> (K, V)."""
+        spec = self.spec
+        r = rows.numel()
+        offsets = torch.arange(r, device=rows.device)  # one row per bag: the bag's sum is the row
+        if spec.dtype == torch.float32:
+            kv = _FUSED_OP(weight, rows, offsets)  # [2H * T, D] float32, fresh
+        else:
+            # The kernel writes float32: cast it chunk by chunk (FUSED_CHUNK_BYTES).
+            kv = torch.empty((r, spec.head_dim), dtype=spec.dtype, device=rows.device)
+            chunk = max(1, FUSED_CHUNK_BYTES // (4 * spec.head_dim))
+            for a in range(0, r, chunk):
+                b = min(r, a + chunk)
+                kv[a:b].copy_(_FUSED_OP(weight, rows[a:b], offsets[: b - a]))
+        kv = kv.view(2, spec.num_kv_heads, -1, spec.head_dim)
+        return kv[0:1], kv[1:2]
 
     @property
     def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:
         """Shape and dtype of one block as `read_blocks` gives it and the lower tiers keep it:
         `[L, 2, H, block_size, D]` in `spec.dtype` exact; quantised, `[L, 2, H, block_size, W]`
-        uint8 with W = code bytes + scale bytes of one token-head (codes first)."""
+        uint8 with W = `row_bytes`, code bytes + scale bytes of one token-head (`KVQuantizer.encode`)."""
         spec = self.spec
         lead = (spec.num_layers, 2, spec.num_kv_heads, self.block_size)
         if self.quantizer is None:
             return (*lead, spec.head_dim), spec.dtype
-        return (*lead, self.quantizer.code_dim + 2 * self.quantizer.scale_dim), torch.uint8
+        return (*lead, self.quantizer.row_bytes), torch.uint8
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Blocks `block_ids` as `[n, L, 2, H, block_size, D]` (a fresh copy, on the pool's device):
         the one layout the host and disk tiers keep, block after block. Quantised pools give
-        their stored bits, `[n, L, 2, H, block_size, W]` uint8 (see `stored_block`), so a block
+        their stored rows, `[n, L, 2, H, block_size, W]` uint8 (see `stored_block`), so a block
         written back with `write_blocks` dequantises to exactly what it did before."""
-        idx = self._index(block_ids)
-        if self.quantizer is None:
-            return self.data.index_select(3, idx).permute(3, 0, 1, 2, 4, 5)
-        codes = self.codes.index_select(3, idx).view(torch.uint8)  # [L, 2, H, n, bs, code_dim]
-        scales = self.scales.index_select(3, idx).view(torch.uint8)  # [L, 2, H, n, bs, 2 * scale_dim]
-        return torch.cat((codes, scales), dim=-1).permute(3, 0, 1, 2, 4, 5)
+        return self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
-        """Copy `blocks` (`read_blocks`'s layout, any device) into `block_ids`; one copy (two quantised)."""
+        """Copy `blocks` (`read_blocks`'s layout, any device) into `block_ids`; one copy."""
         if not block_ids:
             return
-        src = blocks.to(self.codes.device if self.quantizer else self.data.device, non_blocking=True)
-        src = src.permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D or W]
-        idx = self._index(block_ids)
-        quant = self.quantizer
-        if quant is None:
-            self.data.index_copy_(3, idx, src)
-            return
-        # Reinterpreting bytes as float16 needs a contiguous last dim: copy the scale bytes out.
-        self.codes.index_copy_(3, idx, src[..., : quant.code_dim].view(quant.code_dtype))
-        self.scales.index_copy_(3, idx, src[..., quant.code_dim :].contiguous().view(torch.float16))
+        src = blocks.to(self.data.device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D or W]
+        self.data.index_copy_(3, self._index(block_ids), src)
 
     def encode_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """KV blocks `[n, L, 2, H, block_size, D]` in the model dtype -> `read_blocks`'s layout:
         unchanged exact, quantised exactly as `write` would store them otherwise."""
-        quant = self.quantizer
-        if quant is None:
-            return blocks
-        codes, scales = quant.quantize(blocks)  # [n, L, 2, H, bs, code_dim], [..., scale_dim]
-        return torch.cat((codes.view(torch.uint8), scales.view(torch.uint8)), dim=-1)
+        return blocks if self.quantizer is None else self.quantizer.encode(blocks)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.

@@ -27,9 +27,14 @@ class KVQuantizer:
 
     - "int8": symmetric. code q in [-127, 127], x ~ q * s, s = absmax / 127. One float16 per group.
     - "int4": asymmetric. code q in [0, 15], x ~ q * s + m, m = min, s = (max - min) / 15. Two
-      float16 per group (s, m). Two codes per byte: byte j of a token-head holds channel j in its
-      low nibble and channel j + head_dim / 2 in its high nibble, so unpacking is two bit ops and
-      one concatenation, with no interleave.
+      float16 per group (s, m). Two codes per byte: byte j of a token-head holds channel 2j in its
+      low nibble and channel 2j + 1 in its high nibble.
+    Stored form (`encode` / `split`): `row_bytes` bytes per token-head, `[..., block_size,
+    row_bytes]` uint8 for a block of one head, scales float16 little endian. int4: each token's
+    row is its codes then its scales; with one group per head that is `[codes | s | m]`, the row
+    layout torch's fused 4-bit embedding-bag kernel reads (a CPU gather selects and dequantises
+    in one pass, see KVPool.gather). int8: the block's codes, all its tokens in order, then all
+    its scales, so that a block's codes are one contiguous run for the conversion to float.
     Error bound per element: |x - dequantize(quantize(x))| <= s / 2 (+ rounding of the output
     dtype), s being the element's group step: absmax / 127 (int8), or for int4
     (max - min + |min| * 2**-9) / 15, the last term from storing the minimum in float16.
@@ -56,6 +61,11 @@ class KVQuantizer:
         self.code_dtype = torch.int8 if self.symmetric else torch.uint8
         self.code_dim = head_dim if self.bits == 8 else head_dim // 2
         self.scale_dim = self.num_groups if self.symmetric else 2 * self.num_groups  # float16 per token-head
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token-head's stored row: codes, then float16 scales."""
+        return self.code_dim + 2 * self.scale_dim
 
     @property
     def bytes_per_element(self) -> float:
@@ -95,15 +105,37 @@ class KVQuantizer:
         s = ((hi - mf) * (_WIDEN / 15)).clamp_(min=2.0**-24, max=_FP16_MAX).to(SCALE_DTYPE)
         t = torch.sub(g, mf, out=tmp).div_(s.float()).round_().clamp_(0, 15)
         q = t.to(torch.uint8).reshape(*shape, self.head_dim)
-        half = self.head_dim // 2
-        packed = q[..., :half] | (q[..., half:] << 4)  # [..., head_dim / 2]
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., head_dim / 2]: channels 2j, 2j + 1
         scales = torch.cat((s, m), dim=-1).reshape(*shape, 2 * self.num_groups)  # (s, m) per group
         return packed, scales
+
+    def encode(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` [..., block_size, head_dim] -> its stored form, uint8 [..., block_size, row_bytes]
+        (see the class docstring; `scratch` as in `quantize`)."""
+        codes, scales = self.quantize(x, scratch)  # [..., bs, code_dim], [..., bs, scale_dim]
+        codes, scales = codes.view(torch.uint8), scales.view(torch.uint8)
+        if not self.symmetric:
+            return torch.cat((codes, scales), dim=-1)
+        lead = x.shape[:-1]  # [..., bs]
+        return torch.cat((codes.flatten(-2), scales.flatten(-2)), dim=-1).view(*lead, self.row_bytes)
+
+    def split(self, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored form uint8 [..., block_size, row_bytes] (contiguous in its last two dims) -> views
+        (codes [..., block_size, code_dim] in `code_dtype`, scale bytes [..., block_size, 2 * scale_dim]
+        uint8). The scale bytes become float16 once copied out (`.contiguous().view(torch.float16)`):
+        a float16 view needs them aligned."""
+        if not self.symmetric:
+            return stored[..., : self.code_dim].view(self.code_dtype), stored[..., self.code_dim :]
+        bs = stored.shape[-2]
+        flat = stored.flatten(-2)  # [..., bs * row_bytes], a view
+        codes = flat[..., : bs * self.code_dim].unflatten(-1, (bs, self.code_dim))
+        return codes.view(self.code_dtype), flat[..., bs * self.code_dim :].unflatten(-1, (bs, 2 * self.scale_dim))
 
     def dequantize(
         self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(codes [..., code_dim], scales [..., scale_dim]) -> [..., head_dim] in `dtype`, fresh memory.
+        `codes` may be a strided view (of stored rows, say).
 
         `scales` may already be float32 (the pool converts every layer's at once). `scratch`, a
         float32 tensor of the output's shape, is where half precision outputs on CPU are computed
@@ -122,7 +154,7 @@ class KVQuantizer:
         work = torch.float32 if codes.device.type == "cpu" else dtype
         sc = scales.to(work)
         # [..., head_dim] integer codes, channels in order.
-        ints = codes if self.symmetric else torch.cat((codes & 15, codes >> 4), dim=-1)
+        ints = codes if self.symmetric else torch.stack((codes & 15, codes >> 4), dim=-1).view(*shape, self.head_dim)
         out = ints.to(work) if scratch is None or work == dtype else scratch.copy_(ints)
         if self.symmetric:
             if self.num_groups == 1:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from radixkv import KVSpec
+from radixkv import pool as pool_module
 from radixkv.pool import KVPool
 from radixkv.quant import KVQuantizer
 
@@ -45,7 +46,8 @@ def _int4_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = torch.cat([torch.randperm(256, generator=g) for _ in range(4)]).to(torch.uint8).view(32, 32)
     s = _random_scales(32, seed).view(32, 1)
     m = (torch.randn(32, 1, generator=g) * torch.exp2(torch.randint(-10, 14, (32, 1), generator=g))).half()
-    q = torch.cat((packed & 15, packed >> 4), dim=-1).double()  # channel j low nibble, j + 32 high
+    q = torch.empty(32, HEAD_DIM, dtype=torch.float64)  # channel 2j in byte j's low nibble, 2j + 1 high
+    q[:, 0::2], q[:, 1::2] = packed & 15, packed >> 4
     exact = (q * s.double() + m.double()).float().double()  # q * s and the sum are exact in float64
     return packed, torch.cat((s, m), dim=-1), exact
 
@@ -73,13 +75,20 @@ def test_dequantize_equals_the_exact_value_rounded_once_with_and_without_scratch
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize(("kv_dtype", "fused", "chunk_bytes"), [
+    ("int8", False, None), ("int4", False, None), ("int4", True, None), ("int4", True, 5 * 256),
+])  # fmt: skip
 def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memory(
-    kv_dtype: str, dtype: torch.dtype
+    kv_dtype: str, fused: bool, chunk_bytes: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stored bits written straight into a pool (every code in every layer, K and V), gathered in a
     scrambled block order: each layer's K and V are the oracle's values, in fresh memory, and a
-    second gather (which reuses no buffer of the first) leaves the first result unchanged."""
+    second gather (which reuses no buffer of the first) leaves the first result unchanged. int4
+    on CPU goes through the fused kernel or the plain ops (both must give the oracle's bits), the
+    fused one's half precision cast in one chunk or in chunks of 5 rows (the last one short)."""
+    monkeypatch.setattr(pool_module, "FUSED_INT4", fused)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(pool_module, "FUSED_CHUNK_BYTES", chunk_bytes)
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
     q = KVQuantizer(kv_dtype, HEAD_DIM)
     bs, n = 4, 6
@@ -95,7 +104,11 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     c = torch.cat(codes)[:rows].view(*lead, q.code_dim)
     s = torch.cat(scales)[:rows].view(*lead, q.scale_dim)
     e = torch.cat(exact)[:rows].view(*lead, HEAD_DIM)
-    blocks = torch.cat((c.view(torch.uint8), s.view(torch.uint8)), dim=-1)  # read_blocks' layout
+    c, s = c.view(torch.uint8), s.view(torch.uint8)
+    if kv_dtype == "int4":  # read_blocks' layout: per token its codes, then its (s, m)
+        blocks = torch.cat((c, s), dim=-1)
+    else:  # per block of a head: its tokens' codes, then their scales
+        blocks = torch.cat((c.flatten(-2), s.flatten(-2)), dim=-1).view(*lead, q.row_bytes)
     block_ids = [5, 0, 7, 2, 1, 6]
     pool.write_blocks(block_ids, blocks)
     order = [2, 0, 5, 1]  # gather a subset, out of order
@@ -108,6 +121,7 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     for layer, ((k, v), (k2, v2)) in enumerate(zip(first, second, strict=True)):
         for which, out in ((0, k), (1, v)):
             assert out.shape == (1, spec.num_kv_heads, len(order) * bs, HEAD_DIM) and out.dtype == dtype
+            assert out.is_contiguous()
             assert torch.equal(_bits(out[0]), _bits(want[layer, which])), (layer, which)
         assert torch.equal(_bits(k), _bits(kept[layer][0])) and torch.equal(_bits(v), _bits(kept[layer][1]))
         assert torch.equal(_bits(k2), _bits(k)) and torch.equal(_bits(v2), _bits(v))
