@@ -104,8 +104,10 @@ class KVQuantizer:
         mf = m.float()
         s = ((hi - mf) * (_WIDEN / 15)).clamp_(min=2.0**-24, max=_FP16_MAX).to(SCALE_DTYPE)
         t = torch.sub(g, mf, out=tmp).div_(s.float()).round_().clamp_(0, 15)
-        q = t.to(torch.uint8).reshape(*shape, self.head_dim)
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., head_dim / 2]: channels 2j, 2j + 1
+        # Pairs of channels as one int16, channel 2j in the low byte (every torch device is little
+        # endian): low | high << 4 is v | v >> 4 in the low byte, one pass instead of two strided.
+        v = t.to(torch.uint8).reshape(*shape, self.head_dim).view(torch.int16)  # [..., head_dim / 2]
+        packed = (v | (v >> 4)).bitwise_and_(255).to(torch.uint8)
         scales = torch.cat((s, m), dim=-1).reshape(*shape, 2 * self.num_groups)  # (s, m) per group
         return packed, scales
 
