@@ -203,3 +203,24 @@ def test_an_insert_copy_in_flight_with_lower_tiers_demotes_and_later_promotes() 
         for (k, v), (wk, wv) in zip(cache.gather(m), kv_for(first), strict=True):
             assert torch.equal(k, wk) and torch.equal(v, wv)
     cache.check_invariants()
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_concurrent_dequantising_gathers_all_return_the_same_values(kv_dtype: str) -> None:
+    """Quantised gathers share no buffer between calls (int4 on CPU goes through torch's fused
+    kernel): threads gathering at once each get what a lone gather gives."""
+    cache = PrefixCache(make_cache().spec, capacity_tokens=256, block_size=BS, kv_dtype=kv_dtype)
+    ids = list(range(64))
+    cache.insert(ids, kv_for(ids))
+    with cache.match(ids) as m:
+        want = cache.gather(m)
+
+    def worker(_: int) -> None:
+        for _ in range(20):
+            with cache.match(ids) as mine:
+                got = cache.gather(mine)
+            for (k, v), (wk, wv) in zip(got, want, strict=True):
+                assert torch.equal(k, wk) and torch.equal(v, wv)
+
+    run_threads(worker, 4)
+    cache.check_invariants()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from radixkv.benchmarks.shared import RedisServer
 
-from radixkv import KVSpec, PrefixCache, RedisOptions
+from radixkv import KVSpec, PrefixCache, RedisOptions, kv_codec
 from radixkv.disk_tier import TierWarning
 from radixkv.kv_codec import FIXED, SpecFingerprint, encode_header
 from radixkv.quant import KVQuantizer
@@ -119,6 +119,25 @@ def test_an_insert_that_does_not_fit_stores_below_what_the_pool_would_have(kv_dt
     slots = [host._index[h][0].slots[host._index[h][1]] for h in hashes]
     assert torch.equal(host.data[slots], want)
     assert c.tier_stats["host"].demoted_tokens == 8
+
+
+def test_a_file_of_an_older_format_version_is_a_counted_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Format 1 packed int4 codes in another order: its files must never be decoded by this
+    build (they would dequantise to other values), only skipped, with a warning naming why."""
+    disk = {"disk_path": tmp_path, "disk_capacity_bytes": 1 << 20}
+    with monkeypatch.context() as old:
+        old.setattr(kv_codec, "FORMAT_VERSION", 1)
+        c = cache("int4", capacity=16, **disk)
+        a, b = list(range(16)), list(range(100, 116))
+        c.insert(a, random_kv(a, 6))
+        c.insert(b, random_kv(b, 7))  # a goes to disk, written as format 1
+        assert c.tier_stats["disk"].demoted_tokens == 16
+    with pytest.warns(TierWarning, match="format version 1"):
+        later = cache("int4", capacity=16, **disk)
+    assert later._tiers.disk.snapshot().files_skipped == 1
+    n, _, disk_tok, _, _ = gathered(later, a)
+    assert (n, disk_tok) == (0, 0)
+    later.check_invariants()
 
 
 @pytest.mark.parametrize(("writer", "reader"), [("int8", None), (None, "int8"), ("int8", "int4"), ("int4", "int8")])
