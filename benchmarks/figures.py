@@ -87,7 +87,8 @@ QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side b
 
 1. gather: `PrefixCache.gather` of `--tokens` tokens with dequantisation (int8, int4) vs the
    exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32,
-   float16 and bfloat16. Also insert (which quantises) for information.
+   float16 and bfloat16, on `--device` (default cpu; cuda for a GPU). Also insert (which
+   quantises) for information.
 2. TTFT of a hit (`--ttft`, loads SmolLM2): `generate(max_new_tokens=1)` on a prompt whose
    first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
 """
@@ -515,25 +516,29 @@ def quant_quality_main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(doc, indent=1))
 
 
-def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, the calls interleaved so that machine noise hits all alike."""
+def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu") -> dict[str, float]:
+    """Median seconds per call, the calls interleaved so that machine noise hits all alike (on a
+    CUDA `device`, each call is timed up to the end of the work it queued)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():
         fn()  # warm up
     for _ in range(repeats):
         for name, fn in calls.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
-    spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype)
+def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, dict[str, float]]:
+    spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, device=torch.device(device))
     ids = list(range(tokens))
     g = torch.Generator().manual_seed(0)
     kv = [
-        (torch.randn(1, 3, tokens, 64, generator=g).to(dtype), torch.randn(1, 3, tokens, 64, generator=g).to(dtype))
+        tuple(torch.randn(1, 3, tokens, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
         for _ in range(spec.num_layers)
     ]
     caches = {kd or "exact": PrefixCache(spec, capacity_tokens=2 * tokens, kv_dtype=kd) for kd in KV_DTYPES}
@@ -541,7 +546,7 @@ def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype) -> dict[str, di
     for name, cache in caches.items():
         cache.insert(ids, kv)
         matches[name] = cache.match(ids)
-    gather = _round_robin({n: (lambda c=c, m=matches[n]: c.gather(m)) for n, c in caches.items()}, repeats)
+    gather = _round_robin({n: (lambda c=c, m=matches[n]: c.gather(m)) for n, c in caches.items()}, repeats, device)
 
     def reinsert(cache: PrefixCache) -> None:
         cache.clear()
@@ -549,7 +554,7 @@ def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype) -> dict[str, di
 
     for name, cache in caches.items():
         cache.release(matches[name])
-    insert = _round_robin({n: (lambda c=c: reinsert(c)) for n, c in caches.items()}, max(3, repeats // 3))
+    insert = _round_robin({n: (lambda c=c: reinsert(c)) for n, c in caches.items()}, max(3, repeats // 3), device)
     return {
         n: {
             "gather_ms": gather[n] * 1e3,
@@ -588,12 +593,16 @@ def quant_speed_main(argv: list[str] | None = None) -> None:
     p.add_argument("--ttft", action="store_true", help="also TTFT of a hit on SmolLM2-135M (loads the model)")
     p.add_argument("--ttft-repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="device of the gather and insert part (e.g. cuda); TTFT runs on CPU")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch threads {torch.get_num_threads()}; gather of {args.tokens:,} tokens, 30 layers x 3 heads x 64")
+    print(
+        f"torch threads {torch.get_num_threads()}; gather of {args.tokens:,} tokens, 30 layers x 3 heads x 64, "
+        f"on {args.device}"
+    )
     print("| dtype | kv_dtype | gather ms | gather vs exact | insert ms | insert vs exact |\n|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for name, r in gather_ratios(args.tokens, args.repeats, dtype).items():
+        for name, r in gather_ratios(args.tokens, args.repeats, dtype, args.device).items():
             print(
                 f"| {str(dtype).removeprefix('torch.')} | {name} | {r['gather_ms']:.2f} | {r['gather_ratio']:.2f}x "
                 f"| {r['insert_ms']:.2f} | {r['insert_ratio']:.2f}x |",
