@@ -405,7 +405,8 @@ def wrap(model: Any, *, reuse_generated: bool | None = None, **options: Unpack[C
     raises TypeError.
     `kv_dtype="int8"` / `"int4"` (PrefixCache's) stores reused KV quantised (about 1.9x / 3.5x
     the tokens of float16 per byte); outputs then differ from plain `generate`. The default
-    (None) keeps them equal. The host, disk and shared tiers store the same quantised blocks.
+    (None) keeps them equal. The host, disk and shared tiers store the same quantised blocks;
+    with `exact_pool=True` only they do, and the device pool stays exact.
     The KVSpec is read from one 1-token forward pass (layers, KV heads, head_dim, dtype,
     device). Models the cache cannot serve are still wrapped: their calls run uncached with an
     `UncachedWarning`, `cache` is None and `unsupported_reason` says why.

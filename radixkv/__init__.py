@@ -38,7 +38,7 @@ def wrap(model: Any, **kwargs: Any) -> CachedModel:
     """Wrap a Hugging Face causal LM so that `generate` reuses cached prefixes.
 
     See `radixkv.integrations.hf.wrap` for the arguments (capacity_tokens, capacity_bytes,
-    block_size, eviction, shares, kv_dtype, reuse_generated, shared, shared_model). Needs the `hf`
+    block_size, eviction, shares, kv_dtype, exact_pool, reuse_generated, shared, shared_model). Needs the `hf`
     extra (transformers).
     """
     from .integrations.hf import wrap as _wrap

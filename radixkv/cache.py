@@ -43,6 +43,7 @@ class CacheOptions(TypedDict, total=False):
     shared_model: str | bytes | None
     shares: Mapping[object, float] | None
     kv_dtype: str | None
+    exact_pool: bool
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ class CacheStats:
     capacity_bytes: int
     num_nodes: int
     live_matches: int
-    bytes_per_token: int = 0  # pool bytes per cached token (codes and scales when kv_dtype is set)
+    bytes_per_token: int = 0  # pool bytes per cached token (codes and scales when the pool is quantised)
     kv_dtype: str | None = None  # None: stored exactly in the spec's dtype
+    exact_pool: bool = False  # True: kv_dtype applies only to the lower and shared tiers
     namespaces: dict[object, NamespaceStats] = field(default_factory=dict)  # per tenant (its namespace by default)
 
     @property
@@ -181,6 +183,14 @@ class PrefixCache:
         returns approximations in the spec's dtype, and models reusing them give slightly
         different outputs than without the cache. The lower and shared tiers then keep the
         quantised blocks as stored (bit for bit) under a fingerprint naming the kv_dtype.
+        `exact_pool=True` (with kv_dtype and a lower or shared tier) keeps the pool exact and
+        quantises only what is kept below it: blocks are quantised when they first leave the
+        pool (or are stored below directly) and dequantised when a match promotes them. Pool
+        hits are then exact and pay no dequantisation; promoted blocks are approximations, and
+        are never quantised again (that would compound their error): the host tier keeps its
+        stored copy of what it promotes, and a promoted block whose stored copy is gone is
+        dropped when evicted, not demoted. Disk files and Redis keys are the same as kv_dtype's
+        alone, so a restart may switch between the two.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
         The default, DEFAULT_EVICTION ("adaptive"), is LRU, taking the learned reuse order only
         while a sampled miniature replay shows it winning (radixkv.adaptive.Adaptive).
@@ -243,12 +253,23 @@ class PrefixCache:
         shared_model: str | bytes | None = None,
         shares: Mapping[object, float] | None = None,
         kv_dtype: str | None = None,
+        exact_pool: bool = False,
     ) -> None:
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec must be a radixkv.KVSpec, got {type(spec).__name__}")
         _check_int("block_size", block_size, minimum=1)
         quantizer = make_quantizer(kv_dtype, spec)
-        per_token = kv_bytes_per_token(spec, quantizer)
+        if not isinstance(exact_pool, bool):
+            raise TypeError(f"exact_pool must be a bool, got {type(exact_pool).__name__}")
+        if exact_pool and quantizer is None:
+            raise ValueError("exact_pool=True keeps the pool exact and quantises the lower tiers: it needs a kv_dtype")
+        if exact_pool and host_capacity_tokens is None and disk_path is None and shared is None:
+            raise ValueError(
+                "exact_pool=True quantises only blocks kept below the pool: give host_capacity_tokens, "
+                "disk_path or shared (without them the cache is simply exact: drop kv_dtype)"
+            )
+        per_token = kv_bytes_per_token(spec, None if exact_pool else quantizer)
+        tier_per_token = kv_bytes_per_token(spec, quantizer)
         if (capacity_tokens is None) == (capacity_bytes is None):
             raise ValueError("give exactly one of capacity_tokens or capacity_bytes")
         if capacity_tokens is not None:
@@ -264,15 +285,18 @@ class PrefixCache:
                 f"than one block ({block_size} tokens x {per_token} bytes)"
             )
         _check_fits(which, num_blocks * block_size * per_token, spec.device)
-        host_blocks = _check_tiers(spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes, per_token)
+        host_blocks = _check_tiers(
+            spec, block_size, host_capacity_tokens, disk_path, disk_capacity_bytes, tier_per_token
+        )
         self.spec = spec
         self.block_size = block_size
         self.kv_dtype = kv_dtype
+        self.exact_pool = exact_pool
         self.bytes_per_token = per_token
         share_blocks = _share_blocks(shares, num_blocks)
         self.policy = make_policy(eviction)
         self.policy.bind(num_blocks)
-        self._pool = KVPool(spec, num_blocks, block_size, quantizer)
+        self._pool = KVPool(spec, num_blocks, block_size, quantizer, quantize_below=exact_pool)
         self._blocks = BlockAllocator(num_blocks)
         rest = num_blocks - sum(share_blocks.values())
         self._tree = RadixTree(block_size, self.policy, share_blocks or None, rest)
@@ -287,7 +311,7 @@ class PrefixCache:
             self._tree.on_evict = self._tiers.demote
         self._shared: RedisTier | None = None
         if shared is not None:
-            self._shared = _make_shared(shared, shared_model, spec, block_size, self._pool.quantizer)
+            self._shared = _make_shared(shared, shared_model, spec, block_size, self._pool.tier_quantizer)
         elif shared_model is not None:
             raise ValueError("shared_model is only used with shared (a redis:// URL)")
         self.reset_stats()
@@ -317,6 +341,7 @@ class PrefixCache:
                 live_matches=len(self._live),
                 bytes_per_token=self.bytes_per_token,
                 kv_dtype=self.kv_dtype,
+                exact_pool=self.exact_pool,
                 namespaces={
                     t.name: NamespaceStats(
                         t.blocks * bs,

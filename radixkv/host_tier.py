@@ -112,8 +112,9 @@ class HostTier:
             n += 1
         return n
 
-    def take(self, hashes: Sequence[int]) -> torch.Tensor:
-        """Copy out and remove the blocks `hashes` (all held: `count` said so); `[n, L, 2, H, bs, D]`."""
+    def take(self, hashes: Sequence[int], keep: bool = False) -> torch.Tensor:
+        """Copy out and remove the blocks `hashes` (all held: `count` said so); `[n, L, 2, H, bs, D]`.
+        `keep`: copy out only, the blocks stay held (their runs become the most recently used)."""
         slots: list[int] = []
         i = 0
         while i < len(hashes):
@@ -122,10 +123,14 @@ class HostTier:
             while i + k < len(hashes) and pos + k < len(run.hashes) and run.hashes[pos + k] == hashes[i + k]:
                 k += 1
             slots += run.slots[pos : pos + k]
-            self._cut(run, pos, k)
+            if keep:
+                self._touch(run)
+            else:
+                self._cut(run, pos, k)
             i += k
         out = self.data.index_select(0, torch.tensor(slots, dtype=torch.int64))
-        self._free += slots
+        if not keep:
+            self._free += slots
         self.stats.blocks_out += len(slots)
         self.stats.bytes_out += len(slots) * self.block_bytes
         self.stats.blocks = self.num_held

@@ -35,19 +35,38 @@ class KVPool:
     instead of the D values: uint8 `[L, 2, H, num_blocks, block_size, row_bytes]`, each block of a
     head in `KVQuantizer.encode`'s form, which is also the form the lower tiers keep. `write`
     quantises and `gather` dequantises back to `spec.dtype`, a few tensor ops per layer; on CPU,
-    int4 rows are selected and dequantised by one fused kernel per layer.
+    int4 rows are selected and dequantised by one fused kernel per layer. With `quantize_below`
+    the pool stays exact and only blocks leaving it for the lower tiers are quantised
+    (`read_blocks`), and dequantised when they come back (`write_blocks`).
     """
 
-    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, quantizer: KVQuantizer | None = None) -> None:
+    def __init__(
+        self,
+        spec: KVSpec,
+        num_blocks: int,
+        block_size: int,
+        quantizer: KVQuantizer | None = None,
+        *,
+        quantize_below: bool = False,
+    ) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.quantizer = quantizer
+        # quantize_below: the pool itself stays exact and only the form the lower tiers keep
+        # (read_blocks, write_blocks, encode_blocks, stored_block) is the quantizer's.
+        self.quantizer = None if quantize_below else quantizer
+        self.tier_quantizer = quantizer
+        # quantize_below: blocks holding dequantised KV (promoted from a tier). They are never
+        # quantised again: their stored form stays below, and re-quantising an approximation
+        # would compound its error (the scale creeps up a step per round trip).
+        self.approximate: set[int] = set()
         # zeros, not empty: commit every page now, so no request pays for first-touch faults
         # and resident memory does not grow after construction.
-        shape, dtype = self.stored_block
-        lead = (spec.num_layers, 2, spec.num_kv_heads, num_blocks)
-        self.data = torch.zeros((*lead, *shape[3:]), dtype=dtype, device=spec.device)
+        lead = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, block_size)
+        if self.quantizer is None:
+            self.data = torch.zeros((*lead, spec.head_dim), dtype=spec.dtype, device=spec.device)
+        else:
+            self.data = torch.zeros((*lead, self.quantizer.row_bytes), dtype=torch.uint8, device=spec.device)
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +83,8 @@ class KVPool:
         n = len(block_ids)
         if n == 0:
             return
+        if self.approximate:
+            self.approximate.difference_update(block_ids)  # exact KV from here on
         spec, bs = self.spec, self.block_size
         end = start + n * bs
         idx = self._index(block_ids)
@@ -158,32 +179,39 @@ class KVPool:
     @property
     def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:
         """Shape and dtype of one block as `read_blocks` gives it and the lower tiers keep it:
-        `[L, 2, H, block_size, D]` in `spec.dtype` exact; quantised, `[L, 2, H, block_size, W]`
-        uint8 with W = `row_bytes`, code bytes + scale bytes of one token-head (`KVQuantizer.encode`)."""
-        spec = self.spec
+        `[L, 2, H, block_size, D]` in `spec.dtype` exact; quantised (the pool's or, with
+        `quantize_below`, the tiers' quantizer), `[L, 2, H, block_size, W]` uint8 with W =
+        `row_bytes`, code bytes + scale bytes of one token-head (`KVQuantizer.encode`)."""
+        spec, quant = self.spec, self.tier_quantizer
         lead = (spec.num_layers, 2, spec.num_kv_heads, self.block_size)
-        if self.quantizer is None:
+        if quant is None:
             return (*lead, spec.head_dim), spec.dtype
-        return (*lead, self.quantizer.row_bytes), torch.uint8
+        return (*lead, quant.row_bytes), torch.uint8
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Blocks `block_ids` as `[n, L, 2, H, block_size, D]` (a fresh copy, on the pool's device):
-        the one layout the host and disk tiers keep, block after block. Quantised pools give
-        their stored rows, `[n, L, 2, H, block_size, W]` uint8 (see `stored_block`), so a block
-        written back with `write_blocks` dequantises to exactly what it did before."""
-        return self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
+        """Blocks `block_ids` in the lower tiers' form, `[n, L, 2, H, block_size, D]` (see
+        `stored_block`; a fresh copy, on the pool's device). Quantised pools give their stored
+        bits, so a block written back with `write_blocks` dequantises to exactly what it did
+        before; with `quantize_below`, the exact blocks are quantised here."""
+        blocks = self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
+        return blocks if self.quantizer is self.tier_quantizer else self.encode_blocks(blocks)
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
-        """Copy `blocks` (`read_blocks`'s layout, any device) into `block_ids`; one copy."""
+        """Copy `blocks` (`read_blocks`'s form, any device) into `block_ids`: one copy, plus the
+        dequantisation with `quantize_below` (the blocks then count as `approximate`)."""
         if not block_ids:
             return
-        src = blocks.to(self.data.device, non_blocking=True).permute(1, 2, 3, 0, 4, 5)  # [L, 2, H, n, bs, D or W]
-        self.data.index_copy_(3, self._index(block_ids), src)
+        src = blocks.to(self.data.device, non_blocking=True)
+        if self.quantizer is not self.tier_quantizer:
+            assert self.tier_quantizer is not None
+            src = self.tier_quantizer.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
+            self.approximate.update(block_ids)
+        self.data.index_copy_(3, self._index(block_ids), src.permute(1, 2, 3, 0, 4, 5))
 
     def encode_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """KV blocks `[n, L, 2, H, block_size, D]` in the model dtype -> `read_blocks`'s layout:
-        unchanged exact, quantised exactly as `write` would store them otherwise."""
-        return blocks if self.quantizer is None else self.quantizer.encode(blocks)
+        """KV blocks `[n, L, 2, H, block_size, D]` in the model dtype -> `read_blocks`'s form:
+        unchanged exact, quantised exactly as `write` (or the demotion) would store them otherwise."""
+        return blocks if self.tier_quantizer is None else self.tier_quantizer.encode(blocks)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         # frombuffer over an int64 array is ~6x faster than torch.tensor(list) for long lists.

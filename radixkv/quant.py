@@ -133,6 +133,12 @@ class KVQuantizer:
         codes = flat[..., : bs * self.code_dim].unflatten(-1, (bs, self.code_dim))
         return codes.view(self.code_dtype), flat[..., bs * self.code_dim :].unflatten(-1, (bs, 2 * self.scale_dim))
 
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored form uint8 [..., block_size, row_bytes] -> [..., block_size, head_dim] in `dtype`,
+        fresh memory: the values a gather of those blocks returns."""
+        codes, scale_bytes = self.split(stored)
+        return self.dequantize(codes, scale_bytes.contiguous().view(SCALE_DTYPE), dtype)
+
     def dequantize(
         self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None = None
     ) -> torch.Tensor:

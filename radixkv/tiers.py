@@ -109,7 +109,7 @@ class Tiers:
         pin = torch.device(spec.device).type == "cuda"
         self.host = HostTier(spec, bs, host_blocks, pin=pin, stored_block=pool.stored_block) if host_blocks else None
         self.disk = (
-            DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs, quantizer=pool.quantizer)
+            DiskTier(disk_path, disk_capacity_bytes or 0, spec, bs, quantizer=pool.tier_quantizer)
             if disk_path is not None
             else None
         )
@@ -167,21 +167,44 @@ class Tiers:
     # ----- demotion --------------------------------------------------------------------
     def demote(self, node: Node, first: int) -> None:
         """Blocks [first:] of `node` are being evicted (cache lock held): keep their KV below."""
-        pool, bs = self.cache.pool, self.cache.pool.block_size
+        pool = self.cache.pool
         parent = node.parent
         assert parent is not None
         prev = node.block_hashes[first - 1] if first else parent.last_hash
         root = parent
         while root.parent is not None:
             root = root.parent
-        hashes = node.block_hashes[first:]
-        tokens = node.tokens[first * bs :]
-        blocks = pool.read_blocks(node.block_ids[first:])  # [n, L, 2, H, bs, D]
+        ids = node.block_ids
+        approximate = pool.approximate
+        i, n = first, len(ids)
+        if not approximate:  # always so unless the pool is exact over quantised tiers
+            if i < n:
+                self._keep_below(root.ns_key, prev, node, i, n)
+            return
+        while i < n:
+            # Blocks an exact pool got by promotion hold dequantised KV whose stored form is
+            # still below (or was dropped there): they are not quantised again, only freed.
+            while i < n and ids[i] in approximate:
+                approximate.discard(ids[i])
+                i += 1
+            j = i
+            while j < n and ids[j] not in approximate:
+                j += 1
+            if j > i:
+                self._keep_below(root.ns_key, node.block_hashes[i - 1] if i else prev, node, i, j)
+            i = j
+
+    def _keep_below(self, ns_key: bytes, prev: int, node: Node, i: int, j: int) -> None:
+        """Blocks [i, j) of `node` (chained from `prev`) into the host tier, or the disk's queue."""
+        bs = self.cache.pool.block_size
+        hashes = node.block_hashes[i:j]
+        tokens = node.tokens[i * bs : j * bs]
+        blocks = self.cache.pool.read_blocks(node.block_ids[i:j])  # [n, L, 2, H, bs, D]
         if self.host is not None:
             self._demoted["host"] += len(hashes) * bs
-            self._queue(self.host.put(root.ns_key, prev, hashes, tokens, blocks))
+            self._queue(self.host.put(ns_key, prev, hashes, tokens, blocks))
         else:
-            self._queue([(Run(root.ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])
+            self._queue([(Run(ns_key, prev, hashes, tokens, []), blocks.to("cpu"))])
 
     def store_below(
         self, node: Node, prev: int, hashes: list[int], tokens: list[int], kv: Sequence[LayerKV], first_block: int
@@ -328,7 +351,9 @@ class Tiers:
         parts = []
         if host_n:
             assert self.host is not None
-            parts.append(self.host.take(hashes[:host_n]))
+            # An exact pool keeps the host's stored copy: the pool gets a dequantised one.
+            keep = cache.pool.quantizer is not cache.pool.tier_quantizer
+            parts.append(self.host.take(hashes[:host_n], keep=keep))
         if disk_n:
             assert loaded is not None
             parts.append(loaded[2][:disk_n].to(device))

@@ -50,3 +50,31 @@ def test_wrap_passes_kv_dtype_and_a_hit_reuses_quantised_kv_close_to_exact(kv_dt
 def test_wrap_rejects_a_bad_kv_dtype_by_name() -> None:
     with pytest.raises(ValueError, match="kv_dtype"):
         radixkv.wrap(_model(), capacity_tokens=512, kv_dtype="int3")
+
+
+def test_exact_pool_reuses_exact_kv_from_the_pool_and_quantised_kv_from_the_host() -> None:
+    """`exact_pool=True`: a hit served by the device pool is exact (scores equal plain generate);
+    once the prefix was pushed down to the host tier (quantised) and promoted back, the scores
+    differ, within int8's bound."""
+    model = _model()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), **GREEDY)
+    cached = radixkv.wrap(
+        model, capacity_tokens=48, block_size=4, kv_dtype="int8", exact_pool=True, host_capacity_tokens=256
+    )
+    assert cached.cache is not None and cached.cache.stats.exact_pool
+    one = {"max_new_tokens": 1, "do_sample": False}
+    cached.generate(ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]), **one)
+    out = cached.generate(ids, attention_mask=torch.ones_like(ids), **GREEDY)
+    assert cached.stats.reused_tokens == 32
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores, strict=True))
+    cached.generate(other, attention_mask=torch.ones_like(other), **one)  # pushes ids' blocks to the host
+    before = cached.stats.reused_tokens
+    out = cached.generate(ids, attention_mask=torch.ones_like(ids), **GREEDY)
+    assert cached.stats.reused_tokens - before >= 32
+    assert cached.cache.tier_stats["host"].promoted_tokens > 0
+    diff = max((a - b).abs().max().item() for a, b in zip(out.scores, ref.scores, strict=True))
+    top = max(s.abs().max().item() for s in ref.scores)
+    assert 0.0 < diff < 0.05 * top

@@ -121,6 +121,120 @@ def test_an_insert_that_does_not_fit_stores_below_what_the_pool_would_have(kv_dt
     assert c.tier_stats["host"].demoted_tokens == 8
 
 
+# ----- exact_pool: an exact pool over quantised tiers ------------------------------------------
+def _blockwise(kv: LayerKV) -> list[torch.Tensor]:
+    """Per block of BS tokens, all its layers' K and V as one tensor."""
+    stacked = torch.stack([torch.stack((k[0], v[0])) for k, v in kv])  # [L, 2, H, T, D]
+    return list(stacked.split(BS, dim=3))
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_exact_pool_serves_exact_blocks_and_promotes_the_quantised_pools_values(kv_dtype: str) -> None:
+    c = cache(kv_dtype, capacity=32, host_capacity_tokens=64, exact_pool=True)
+    a, b = list(range(24)), list(range(100, 124))
+    exact = random_kv(a, 1)
+    c.insert(a, exact)
+    n, _, _, _, got = gathered(c, a)
+    assert n == 24
+    assert_identical(got, exact)  # from the pool: bit for bit what was inserted
+    c.insert(b, random_kv(b, 2))  # pushes most of a to the host, quantised
+    n, host, _, _, got = gathered(c, a)
+    assert n == 24 and host >= 16
+    quantised = random_kv_via_pool(kv_dtype, a, 1)
+    split = (n - host) // BS  # blocks still in the pool come first, the promoted ones after
+    for i, (g, e, q) in enumerate(zip(_blockwise(got), _blockwise(exact), _blockwise(quantised), strict=True)):
+        assert torch.equal(g, e if i < split else q), i
+    assert c.stats.exact_pool and c.stats.bytes_per_token == SPEC.bytes_per_token
+    q = KVQuantizer(kv_dtype, SPEC.head_dim)
+    assert c._tiers.host.data.dtype == torch.uint8 and c._tiers.host.data.shape[-1] == q.row_bytes
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_exact_pool_never_quantises_a_promoted_block_again(kv_dtype: str) -> None:
+    """Two prefixes take turns in a pool that holds one: every round trip demotes one and
+    promotes the other. A block is quantised once, when it first leaves the pool; later
+    round trips serve that same stored form, so its values never drift (re-quantising
+    dequantised KV moves the scale up a step each time)."""
+    c = cache(kv_dtype, capacity=32, host_capacity_tokens=128, exact_pool=True)
+    a, b = list(range(24)), list(range(100, 124))
+    want = {}
+    for ids, seed in ((a, 1), (b, 2)):
+        exact, quantised = random_kv(ids, seed), random_kv_via_pool(kv_dtype, ids, seed)
+        want[ids[0]] = list(zip(_blockwise(exact), _blockwise(quantised), strict=True))
+    c.insert(a, random_kv(a, 1))
+    c.insert(b, random_kv(b, 2))
+    promoted = 0
+    for _ in range(6):
+        for ids in (a, b):
+            n, host, _, _, got = gathered(c, ids)
+            assert n == 24
+            promoted += host
+            for i, (g, (e, q)) in enumerate(zip(_blockwise(got), want[ids[0]], strict=True)):
+                assert torch.equal(g, e) or torch.equal(g, q), (ids[0], i)
+    assert promoted >= 6 * 2 * 16
+    assert c._tiers.host.num_held <= 12  # one stored copy per block, never a second
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT)
+def test_exact_pool_drops_a_promoted_block_whose_stored_copy_is_gone(kv_dtype: str) -> None:
+    """Three prefixes rotate through a pool that holds one and a host tier that holds one: the
+    host evicts the stored copies of blocks the pool still holds dequantised. When the pool
+    evicts those, they are dropped, not quantised again; a later request recomputes them, as a
+    miss does, and every block served is exact or the one quantised form."""
+    c = cache(kv_dtype, capacity=32, host_capacity_tokens=24, exact_pool=True)
+    prefixes = [(list(range(k * 100, k * 100 + 24)), k + 1) for k in range(3)]
+    want = {
+        ids[0]: list(
+            zip(_blockwise(random_kv(ids, seed)), _blockwise(random_kv_via_pool(kv_dtype, ids, seed)), strict=True)
+        )
+        for ids, seed in prefixes
+    }
+    promoted = 0
+    for _ in range(6):
+        for ids, seed in prefixes:
+            n, host, _, _, got = gathered(c, ids)
+            promoted += host
+            blocks = _blockwise(got) if n else []
+            for i, (g, (e, q)) in enumerate(zip(blocks, want[ids[0]][: n // BS], strict=True)):
+                assert torch.equal(g, e) or torch.equal(g, q), (ids[0], i)
+            c.insert(ids, random_kv(ids, seed))  # what generate stores: the computed, exact KV
+    assert promoted > 0
+    c.check_invariants()
+
+
+def test_exact_pool_files_are_served_to_a_quantised_pool_and_back(tmp_path: Path) -> None:
+    """Both keep the same stored form under the same fingerprint: a restart may switch."""
+    disk = {"disk_path": tmp_path, "disk_capacity_bytes": 1 << 20}
+    c = cache("int8", capacity=16, exact_pool=True, **disk)
+    a, b = list(range(16)), list(range(100, 116))
+    c.insert(a, random_kv(a, 3))
+    c.insert(b, random_kv(b, 4))  # a goes to disk
+    plain = cache("int8", capacity=16, **disk)
+    n, _, disk_tok, _, got = gathered(plain, a)
+    assert (n, disk_tok) == (16, 16)
+    assert_identical(got, random_kv_via_pool("int8", a, 3))
+    plain.insert(list(range(200, 216)), random_kv(list(range(200, 216)), 5))  # a goes down again
+    again = cache("int8", capacity=16, exact_pool=True, **disk)
+    n, _, disk_tok, _, got = gathered(again, a)
+    assert (n, disk_tok) == (16, 16)
+    assert_identical(got, random_kv_via_pool("int8", a, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"kv_dtype": "int8", "exact_pool": 1, "host_capacity_tokens": 64}, TypeError, "exact_pool must be a bool"),
+        ({"exact_pool": True, "host_capacity_tokens": 64}, ValueError, "needs a kv_dtype"),
+        ({"kv_dtype": "int4", "exact_pool": True}, ValueError, "host_capacity_tokens, disk_path or shared"),
+    ],
+)
+def test_exact_pool_arguments_are_checked_by_name(kwargs: dict, error: type[Exception], words: str) -> None:
+    with pytest.raises(error, match=words):
+        PrefixCache(SPEC, capacity_tokens=32, block_size=BS, **kwargs)
+
+
 def test_a_file_of_an_older_format_version_is_a_counted_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Format 1 packed int4 codes in another order: its files must never be decoded by this
     build (they would dequantise to other values), only skipped, with a warning naming why."""
