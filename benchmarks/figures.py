@@ -89,6 +89,8 @@ QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side b
    exact copy, for SmolLM2-135M's KV shape (30 layers, 3 KV heads, head_dim 64) in float32,
    float16 and bfloat16, on `--device` (default cpu; cuda for a GPU). Also insert (which
    quantises) for information.
+   Then promotion: a prefix promoted from the host tier and gathered, and a pool hit on it,
+   with exact tiers, kv_dtype, and kv_dtype with exact_pool (see `promotion_ratios`).
 2. TTFT of a hit (`--ttft`, loads SmolLM2): `generate(max_new_tokens=1)` on a prompt whose
    first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
 """
@@ -566,6 +568,63 @@ def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str = "
     }
 
 
+PROMOTION_MODES: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "int8": {"kv_dtype": "int8"},
+    "int8 exact_pool": {"kv_dtype": "int8", "exact_pool": True},
+    "int4": {"kv_dtype": "int4"},
+    "int4 exact_pool": {"kv_dtype": "int4", "exact_pool": True},
+}
+
+
+def promotion_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Two prefixes of `tokens` take turns in a pool that holds one, over a host tier: each turn
+    promotes one from the host and gathers it (`promote`), then matches and gathers it again
+    from the pool (`pool_hit`). Per mode of PROMOTION_MODES, in ms and as ratios to exact:
+    the pool hit's median, and the promotion's as the median of both minus the hit's."""
+    spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, device=torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    prefixes = [list(range(k * 100_000, k * 100_000 + tokens)) for k in range(2)]
+    kvs = [
+        [tuple(torch.randn(1, 3, tokens, 64, generator=g).to(device, dtype) for _ in range(2)) for _ in range(30)]
+        for _ in prefixes
+    ]
+    caches = {
+        name: PrefixCache(spec, capacity_tokens=tokens, host_capacity_tokens=4 * tokens, eviction="lru", **kw)
+        for name, kw in PROMOTION_MODES.items()
+    }
+    for c in caches.values():
+        for ids, kv in zip(prefixes, kvs, strict=True):
+            c.insert(ids, kv)
+    turn = {name: 0 for name in caches}
+
+    def promote(name: str) -> None:
+        c, ids = caches[name], prefixes[turn[name] % 2]
+        turn[name] += 1
+        with c.match(ids) as m:
+            assert m.host_tokens == tokens, (name, m.host_tokens)
+            c.gather(m)
+
+    def pool_hit(name: str) -> None:
+        c, ids = caches[name], prefixes[(turn[name] - 1) % 2]
+        with c.match(ids) as m:
+            assert m.num_tokens == tokens and m.host_tokens == 0, name
+            c.gather(m)
+
+    # One call per mode: promote then hit, so each hit finds what its promote brought up.
+    both = _round_robin({n: functools.partial(lambda n: (promote(n), pool_hit(n)), n) for n in caches}, repeats, device)
+    hits = _round_robin({n: functools.partial(pool_hit, n) for n in caches}, repeats, device)
+    return {
+        n: {
+            "promote_ms": (both[n] - hits[n]) * 1e3,
+            "promote_ratio": (both[n] - hits[n]) / (both["exact"] - hits["exact"]),
+            "pool_hit_ms": hits[n] * 1e3,
+            "pool_hit_ratio": hits[n] / hits["exact"],
+        }
+        for n in caches
+    }
+
+
 @torch.no_grad()
 def ttft_ratios(repeats: int) -> dict[str, dict[str, float]]:
     lm = load(SMOLLM2)
@@ -606,6 +665,17 @@ def quant_speed_main(argv: list[str] | None = None) -> None:
             print(
                 f"| {str(dtype).removeprefix('torch.')} | {name} | {r['gather_ms']:.2f} | {r['gather_ratio']:.2f}x "
                 f"| {r['insert_ms']:.2f} | {r['insert_ratio']:.2f}x |",
+                flush=True,
+            )
+    print(f"\npromotion of {args.tokens:,} tokens from the host tier and its gather, then a pool hit on them")
+    print(
+        "| dtype | mode | promote ms | promote vs exact | pool hit ms | pool hit vs exact |\n|---|---|---|---|---|---|"
+    )
+    for dtype in (torch.float32, torch.float16):
+        for name, r in promotion_ratios(args.tokens, max(3, args.repeats // 2), dtype, args.device).items():
+            print(
+                f"| {str(dtype).removeprefix('torch.')} | {name} | {r['promote_ms']:.2f} | {r['promote_ratio']:.2f}x "
+                f"| {r['pool_hit_ms']:.2f} | {r['pool_hit_ratio']:.2f}x |",
                 flush=True,
             )
     if args.ttft:
