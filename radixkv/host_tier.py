@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pool import index_copy_rows
 from .spec import KVSpec
 
 
@@ -174,7 +175,7 @@ class HostTier:
             # [need, L, 2, H, bs, D] from any device into (pinned) host memory.
             # Contiguous first: index_copy_ from a permuted view is several times slower.
             src = blocks[start:end].to("cpu").contiguous()
-            self.data.index_copy_(0, torch.tensor(slots, dtype=torch.int64), src)
+            index_copy_rows(self.data, 0, torch.tensor(slots, dtype=torch.int64), src, dims=src.dim() - 1)
             parent = hashes[start - 1] if start else parent_hash
             self._add(Run(ns_key, parent, hashes[start:end], tokens[start * bs : end * bs], slots))
             self.stats.blocks_in += need

@@ -22,6 +22,26 @@ FUSED_INT4 = _FUSED_OP is not None
 FUSED_CHUNK_BYTES = 2 << 20
 
 
+def index_copy_rows(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, dims: int = 2) -> None:
+    """`dst.index_copy_(dim, index, src)`, bit for bit, moving the last `dims` dims of both as
+    one row of the widest integer words (8, 4 or 2 bytes) that their sizes, strides and offsets
+    allow. On CPU index_copy_ costs per element: a uint8 row copies ~5x faster as int64 words."""
+    size = src.element_size()
+    row = src.shape[-dims:].numel() * size
+    # 4-byte elements gained nothing measurable as int64: bytes and half precision do.
+    for word in (torch.int64, torch.int32, torch.int16) if size < 4 else ():
+        if word.itemsize <= size or row % word.itemsize:
+            continue
+        try:  # views only (view, never reshape: a copy of dst would swallow the writes)
+            d = dst.view(*dst.shape[:-dims], -1).view(torch.uint8).view(word)
+            s = src.view(*src.shape[:-dims], -1).view(torch.uint8).view(word)
+        except RuntimeError:  # a stride or offset these words do not divide
+            continue
+        d.index_copy_(dim, index, s)
+        return
+    dst.index_copy_(dim, index, src)
+
+
 class KVPool:
     """Fixed-size KV blocks for all layers in one tensor on `spec.device`.
 
@@ -98,7 +118,7 @@ class KVPool:
                 src = x[0, :, start:end].reshape(shape)
                 if quant is not None:
                     src = quant.encode(src, scratch)  # [H, n, bs, row_bytes]
-                self.data[layer, which].index_copy_(1, idx, src)
+                index_copy_rows(self.data[layer, which], 1, idx, src)
 
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
         """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.
@@ -206,7 +226,7 @@ class KVPool:
             assert self.tier_quantizer is not None
             src = self.tier_quantizer.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
             self.approximate.update(block_ids)
-        self.data.index_copy_(3, self._index(block_ids), src.permute(1, 2, 3, 0, 4, 5))
+        index_copy_rows(self.data, 3, self._index(block_ids), src.permute(1, 2, 3, 0, 4, 5))
 
     def encode_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         """KV blocks `[n, L, 2, H, block_size, D]` in the model dtype -> `read_blocks`'s form:
