@@ -156,13 +156,17 @@ class KVPool:
         spec, bs, quant = self.spec, self.block_size, self.quantizer
         assert quant is not None
         dev, heads, t = self.data.device, spec.num_kv_heads, n * bs
-        if dev.type == "cpu" and not quant.symmetric and quant.num_groups == 1 and FUSED_INT4:
+        if self._fused(quant):
             # Row of (K/V, head, block, token) in a layer's [2H * num_blocks * bs, row_bytes] view, in
             # output order: ([2H, 1] * num_blocks + [n]) -> [2H * n, 1], * bs + [bs] -> [2H * T].
             blocks = torch.arange(2 * heads, device=dev)[:, None] * self.num_blocks + idx
             rows = (blocks.reshape(-1, 1) * bs + torch.arange(bs, device=dev)).reshape(-1)
             per_layer = self.data.view(spec.num_layers, -1, quant.row_bytes)
-            return [self._dequantize_rows_fused(per_layer[layer], rows) for layer in range(spec.num_layers)]
+            out: list[LayerKV] = []
+            for layer in range(spec.num_layers):
+                kv = self._dequantize_rows_fused(per_layer[layer], rows).view(2, heads, t, spec.head_dim)
+                out.append((kv[0:1], kv[1:2]))
+            return out
         work = torch.float32 if dev.type == "cpu" else spec.dtype
         codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
         # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> work dtype.
@@ -171,7 +175,7 @@ class KVPool:
         scratch = None
         if work != spec.dtype:
             scratch = torch.empty((2, heads, n, bs, spec.head_dim), dtype=work, device=dev)
-        out: list[LayerKV] = []
+        out = []
         for layer in range(spec.num_layers):
             torch.index_select(codes[layer], 2, idx, out=selected)
             kv = quant.dequantize(selected, scales[layer], spec.dtype, scratch)  # [2, H, n, bs, D], fresh
@@ -179,22 +183,24 @@ class KVPool:
             out.append((kv[0:1], kv[1:2]))
         return out
 
-    def _dequantize_rows_fused(self, weight: torch.Tensor, rows: torch.Tensor) -> LayerKV:
-        """One layer: `weight` uint8 `[2H * num_blocks * bs, row_bytes]`, `rows` `[2H * T]` -> (K, V)."""
+    def _fused(self, quant: KVQuantizer) -> bool:
+        """Whether `quant`'s rows go through the fused 4-bit kernel here (int4, one group, CPU)."""
+        return self.data.device.type == "cpu" and not quant.symmetric and quant.num_groups == 1 and FUSED_INT4
+
+    def _dequantize_rows_fused(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`weight` uint8 `[N, row_bytes]` (int4 stored rows), `rows` `[R]` -> `[R, D]` in `spec.dtype`, fresh."""
         spec = self.spec
         r = rows.numel()
         offsets = torch.arange(r, device=rows.device)  # one row per bag: the bag's sum is the row
         if spec.dtype == torch.float32:
-            kv = _FUSED_OP(weight, rows, offsets)  # [2H * T, D] float32, fresh
-        else:
-            # The kernel writes float32: cast it chunk by chunk (FUSED_CHUNK_BYTES).
-            kv = torch.empty((r, spec.head_dim), dtype=spec.dtype, device=rows.device)
-            chunk = max(1, FUSED_CHUNK_BYTES // (4 * spec.head_dim))
-            for a in range(0, r, chunk):
-                b = min(r, a + chunk)
-                kv[a:b].copy_(_FUSED_OP(weight, rows[a:b], offsets[: b - a]))
-        kv = kv.view(2, spec.num_kv_heads, -1, spec.head_dim)
-        return kv[0:1], kv[1:2]
+            return _FUSED_OP(weight, rows, offsets)  # [R, D] float32, fresh
+        # The kernel writes float32: cast it chunk by chunk (FUSED_CHUNK_BYTES).
+        out = torch.empty((r, spec.head_dim), dtype=spec.dtype, device=rows.device)
+        chunk = max(1, FUSED_CHUNK_BYTES // (4 * spec.head_dim))
+        for a in range(0, r, chunk):
+            b = min(r, a + chunk)
+            out[a:b].copy_(_FUSED_OP(weight, rows[a:b], offsets[: b - a]))
+        return out
 
     @property
     def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:
@@ -222,9 +228,15 @@ class KVPool:
         if not block_ids:
             return
         src = blocks.to(self.data.device, non_blocking=True)
-        if self.quantizer is not self.tier_quantizer:
-            assert self.tier_quantizer is not None
-            src = self.tier_quantizer.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
+        quant = self.tier_quantizer
+        if self.quantizer is not quant:
+            assert quant is not None
+            if self._fused(quant):
+                rows = src.reshape(-1, quant.row_bytes)  # [n * L * 2 * H * bs, row_bytes]
+                every = torch.arange(rows.shape[0], device=rows.device)
+                src = self._dequantize_rows_fused(rows, every).view(*src.shape[:-1], self.spec.head_dim)
+            else:
+                src = quant.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
             self.approximate.update(block_ids)
         index_copy_rows(self.data, 3, self._index(block_ids), src.permute(1, 2, 3, 0, 4, 5))
 
