@@ -12,15 +12,6 @@ from .spec import KVSpec
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
-# torch's fused 4-bit embedding-bag kernel (FBGEMM on x86, a portable loop elsewhere): rows of
-# `[packed codes, float16 scale, float16 bias]`, each selected row dequantised to float32 as
-# `code * scale + bias` in one pass. A module switch so tests can compare it with the plain path.
-_FUSED_OP = getattr(torch.ops.quantized, "embedding_bag_4bit_rowwise_offsets", None)
-FUSED_INT4 = _FUSED_OP is not None
-# Half precision outputs are cast from the kernel's float32 in chunks of this many bytes, so each
-# chunk is still in cache when it is cast.
-FUSED_CHUNK_BYTES = 2 << 20
-
 
 def index_copy_rows(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, dims: int = 2) -> None:
     """`dst.index_copy_(dim, index, src)`, bit for bit, moving the last `dims` dims of both as
@@ -74,6 +65,7 @@ class KVPool:
         self.block_size = block_size
         # quantize_below: the pool itself stays exact and only the form the lower tiers keep
         # (read_blocks, write_blocks, encode_blocks, stored_block) is the quantizer's.
+        self.quantize_below = quantize_below and quantizer is not None
         self.quantizer = None if quantize_below else quantizer
         self.tier_quantizer = quantizer
         # quantize_below: blocks holding dequantised KV (promoted from a tier). They are never
@@ -156,7 +148,7 @@ class KVPool:
         spec, bs, quant = self.spec, self.block_size, self.quantizer
         assert quant is not None
         dev, heads, t = self.data.device, spec.num_kv_heads, n * bs
-        if self._fused(quant):
+        if quant.fused_on(dev):
             # Row of (K/V, head, block, token) in a layer's [2H * num_blocks * bs, row_bytes] view, in
             # output order: ([2H, 1] * num_blocks + [n]) -> [2H * n, 1], * bs + [bs] -> [2H * T].
             blocks = torch.arange(2 * heads, device=dev)[:, None] * self.num_blocks + idx
@@ -164,7 +156,7 @@ class KVPool:
             per_layer = self.data.view(spec.num_layers, -1, quant.row_bytes)
             out: list[LayerKV] = []
             for layer in range(spec.num_layers):
-                kv = self._dequantize_rows_fused(per_layer[layer], rows).view(2, heads, t, spec.head_dim)
+                kv = quant.dequantize_rows(per_layer[layer], rows, spec.dtype).view(2, heads, t, spec.head_dim)
                 out.append((kv[0:1], kv[1:2]))
             return out
         work = torch.float32 if dev.type == "cpu" else spec.dtype
@@ -181,25 +173,6 @@ class KVPool:
             kv = quant.dequantize(selected, scales[layer], spec.dtype, scratch)  # [2, H, n, bs, D], fresh
             kv = kv.view(2, heads, t, spec.head_dim)
             out.append((kv[0:1], kv[1:2]))
-        return out
-
-    def _fused(self, quant: KVQuantizer) -> bool:
-        """Whether `quant`'s rows go through the fused 4-bit kernel here (int4, one group, CPU)."""
-        return self.data.device.type == "cpu" and not quant.symmetric and quant.num_groups == 1 and FUSED_INT4
-
-    def _dequantize_rows_fused(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """`weight` uint8 `[N, row_bytes]` (int4 stored rows), `rows` `[R]` -> `[R, D]` in `spec.dtype`, fresh."""
-        spec = self.spec
-        r = rows.numel()
-        offsets = torch.arange(r, device=rows.device)  # one row per bag: the bag's sum is the row
-        if spec.dtype == torch.float32:
-            return _FUSED_OP(weight, rows, offsets)  # [R, D] float32, fresh
-        # The kernel writes float32: cast it chunk by chunk (FUSED_CHUNK_BYTES).
-        out = torch.empty((r, spec.head_dim), dtype=spec.dtype, device=rows.device)
-        chunk = max(1, FUSED_CHUNK_BYTES // (4 * spec.head_dim))
-        for a in range(0, r, chunk):
-            b = min(r, a + chunk)
-            out[a:b].copy_(_FUSED_OP(weight, rows[a:b], offsets[: b - a]))
         return out
 
     @property
@@ -220,7 +193,7 @@ class KVPool:
         bits, so a block written back with `write_blocks` dequantises to exactly what it did
         before; with `quantize_below`, the exact blocks are quantised here."""
         blocks = self.data.index_select(3, self._index(block_ids)).permute(3, 0, 1, 2, 4, 5)
-        return blocks if self.quantizer is self.tier_quantizer else self.encode_blocks(blocks)
+        return self.encode_blocks(blocks) if self.quantize_below else blocks
 
     def write_blocks(self, block_ids: Sequence[int], blocks: torch.Tensor) -> None:
         """Copy `blocks` (`read_blocks`'s form, any device) into `block_ids`: one copy, plus the
@@ -228,15 +201,9 @@ class KVPool:
         if not block_ids:
             return
         src = blocks.to(self.data.device, non_blocking=True)
-        quant = self.tier_quantizer
-        if self.quantizer is not quant:
-            assert quant is not None
-            if self._fused(quant):
-                rows = src.reshape(-1, quant.row_bytes)  # [n * L * 2 * H * bs, row_bytes]
-                every = torch.arange(rows.shape[0], device=rows.device)
-                src = self._dequantize_rows_fused(rows, every).view(*src.shape[:-1], self.spec.head_dim)
-            else:
-                src = quant.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
+        if self.quantize_below:
+            assert self.tier_quantizer is not None
+            src = self.tier_quantizer.decode(src, self.spec.dtype)  # [n, L, 2, H, bs, D]
             self.approximate.update(block_ids)
         index_copy_rows(self.data, 3, self._index(block_ids), src.permute(1, 2, 3, 0, 4, 5))
 

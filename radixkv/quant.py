@@ -11,6 +11,15 @@ __all__ = ["KV_DTYPES", "KVQuantizer", "kv_bytes_per_token", "make_quantizer"]
 KV_DTYPES: tuple[str, ...] = ("int8", "int4")
 """The `kv_dtype` values that store blocks quantised; None (the default) stores them exactly."""
 
+# torch's fused 4-bit embedding-bag kernel (FBGEMM on x86, a portable loop elsewhere): rows of
+# `[packed codes, float16 scale, float16 bias]`, each selected row dequantised to float32 as
+# `code * scale + bias` in one pass. A module switch so tests can compare it with the plain path.
+_FUSED_OP = getattr(torch.ops.quantized, "embedding_bag_4bit_rowwise_offsets", None)
+FUSED_INT4 = _FUSED_OP is not None
+# Half precision outputs are cast from the kernel's float32 in chunks of this many bytes, so each
+# chunk is still in cache when it is cast.
+FUSED_CHUNK_BYTES = 2 << 20
+
 SCALE_DTYPE = torch.float16
 _FP16_MAX = 65504.0
 # Scales are rounded up to float16 by at most one part in 2**11: widening them by 2**-10 first
@@ -136,8 +145,32 @@ class KVQuantizer:
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Stored form uint8 [..., block_size, row_bytes] -> [..., block_size, head_dim] in `dtype`,
         fresh memory: the values a gather of those blocks returns."""
+        if self.fused_on(stored.device):
+            rows = stored.reshape(-1, self.row_bytes)  # every token-head row, in order
+            every = torch.arange(rows.shape[0], device=rows.device)
+            return self.dequantize_rows(rows, every, dtype).view(*stored.shape[:-1], self.head_dim)
         codes, scale_bytes = self.split(stored)
         return self.dequantize(codes, scale_bytes.contiguous().view(SCALE_DTYPE), dtype)
+
+    def fused_on(self, device: torch.device) -> bool:
+        """Whether `dequantize_rows` serves this quantizer on `device` (int4, one group per head, CPU)."""
+        return device.type == "cpu" and not self.symmetric and self.num_groups == 1 and FUSED_INT4
+
+    def dequantize_rows(self, stored: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Fused select and dequantise (see `fused_on`): `stored` uint8 `[N, row_bytes]` int4 rows,
+        `rows` `[R]` indices into it -> `[R, head_dim]` in `dtype`, fresh memory."""
+        assert _FUSED_OP is not None
+        r = rows.numel()
+        offsets = torch.arange(r, device=rows.device)  # one row per bag: the bag's sum is the row
+        if dtype == torch.float32:
+            return _FUSED_OP(stored, rows, offsets)  # [R, head_dim] float32, fresh
+        # The kernel writes float32: cast it chunk by chunk (FUSED_CHUNK_BYTES).
+        out = torch.empty((r, self.head_dim), dtype=dtype, device=rows.device)
+        chunk = max(1, FUSED_CHUNK_BYTES // (4 * self.head_dim))
+        for a in range(0, r, chunk):
+            b = min(r, a + chunk)
+            out[a:b].copy_(_FUSED_OP(stored, rows[a:b], offsets[: b - a]))
+        return out
 
     def dequantize(
         self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor | None = None

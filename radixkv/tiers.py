@@ -352,8 +352,7 @@ class Tiers:
         if host_n:
             assert self.host is not None
             # An exact pool keeps the host's stored copy: the pool gets a dequantised one.
-            keep = cache.pool.quantizer is not cache.pool.tier_quantizer
-            parts.append(self.host.take(hashes[:host_n], keep=keep))
+            parts.append(self.host.take(hashes[:host_n], keep=cache.pool.quantize_below))
         if disk_n:
             assert loaded is not None
             parts.append(loaded[2][:disk_n].to(device))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radixkv import KVSpec
-from radixkv import pool as pool_module
+from radixkv import quant as quant_module
 from radixkv.pool import KVPool
 from radixkv.quant import KVQuantizer
 
@@ -86,9 +86,9 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     second gather (which reuses no buffer of the first) leaves the first result unchanged. int4
     on CPU goes through the fused kernel or the plain ops (both must give the oracle's bits), the
     fused one's half precision cast in one chunk or in chunks of 5 rows (the last one short)."""
-    monkeypatch.setattr(pool_module, "FUSED_INT4", fused)
+    monkeypatch.setattr(quant_module, "FUSED_INT4", fused)
     if chunk_bytes is not None:
-        monkeypatch.setattr(pool_module, "FUSED_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(quant_module, "FUSED_CHUNK_BYTES", chunk_bytes)
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
     q = KVQuantizer(kv_dtype, HEAD_DIM)
     bs, n = 4, 6

@@ -14,7 +14,7 @@ import torch
 from radixkv.benchmarks.shared import RedisServer
 
 from radixkv import KVSpec, PrefixCache, RedisOptions, kv_codec
-from radixkv import pool as pool_module
+from radixkv import quant as quant_module
 from radixkv.disk_tier import TierWarning
 from radixkv.kv_codec import FIXED, SpecFingerprint, encode_header
 from radixkv.quant import KVQuantizer
@@ -134,7 +134,7 @@ def test_exact_pool_serves_exact_blocks_and_promotes_the_quantised_pools_values(
     kv_dtype: str, fused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """int4 promotions dequantise through the fused kernel on CPU, or the plain ops."""
-    monkeypatch.setattr(pool_module, "FUSED_INT4", fused)
+    monkeypatch.setattr(quant_module, "FUSED_INT4", fused)
     c = cache(kv_dtype, capacity=32, host_capacity_tokens=64, exact_pool=True)
     a, b = list(range(24)), list(range(100, 124))
     exact = random_kv(a, 1)
