@@ -159,14 +159,13 @@ class KVPool:
                 kv = quant.dequantize_rows(per_layer[layer], rows, spec.dtype).view(2, heads, t, spec.head_dim)
                 out.append((kv[0:1], kv[1:2]))
             return out
-        work = torch.float32 if dev.type == "cpu" else spec.dtype
         codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
-        # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> work dtype.
-        scales = scale_bytes.index_select(3, idx).view(torch.float16).to(work)
+        # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> float32 (exact).
+        scales = scale_bytes.index_select(3, idx).view(torch.float16).to(torch.float32)
         selected = torch.empty((2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
         scratch = None
-        if work != spec.dtype:
-            scratch = torch.empty((2, heads, n, bs, spec.head_dim), dtype=work, device=dev)
+        if quant.staged_on(dev) and spec.dtype != torch.float32:
+            scratch = torch.empty((2, heads, n, bs, spec.head_dim), dtype=torch.float32, device=dev)
         out = []
         for layer in range(spec.num_layers):
             torch.index_select(codes[layer], 2, idx, out=selected)

@@ -19,6 +19,11 @@ FUSED_INT4 = _FUSED_OP is not None
 # Half precision outputs are cast from the kernel's float32 in chunks of this many bytes, so each
 # chunk is still in cache when it is cast.
 FUSED_CHUNK_BYTES = 2 << 20
+# Devices whose dequantisation computes in float32 buffers and casts once at the end (CPU: there
+# same-dtype in-place kernels are vectorised and mixed-dtype ones measured 3-15x slower); every
+# other device (GPUs) runs one mixed-dtype kernel per step that computes in float32 and rounds once
+# on store. Both give the same bits. A module switch so the CPU tests run the GPU arithmetic too.
+STAGED_DEVICE_TYPES: frozenset[str] = frozenset({"cpu"})
 
 SCALE_DTYPE = torch.float16
 _FP16_MAX = 65504.0
@@ -185,17 +190,18 @@ class KVQuantizer:
         """
         shape = codes.shape[:-1]
         _check_scratch(scratch, (*shape, self.head_dim))
-        # Convert first, then scale in place: same-dtype in-place kernels are vectorised on CPU,
+        if not self.staged_on(codes.device):
+            return self._dequantize_direct(codes, scales, dtype)
+        # CPU. Convert first, then scale in place: same-dtype in-place kernels are vectorised on CPU,
         # mixed-dtype ones (int x float with promotion, addcmul with a broadcast input) measured
-        # 3-15x slower. On CPU, int -> float16 conversion and float16 arithmetic are slower than
-        # float32, so half precision is computed in float32 there and cast once at the end: every
+        # 3-15x slower. int -> float16 conversion and float16 arithmetic are slower than float32
+        # there too, so half precision is computed in float32 and cast once at the end: every
         # product code * scale is exact in float32 (8 x 11 significant bits), so the result is the
         # code times the scale rounded once to `dtype` (int4: (q * s + m) rounded once to float32, then
         # to `dtype`).
-        work = torch.float32 if codes.device.type == "cpu" else dtype
+        work = torch.float32
         sc = scales.to(work)
-        # [..., head_dim] integer codes, channels in order.
-        ints = codes if self.symmetric else torch.stack((codes & 15, codes >> 4), dim=-1).view(*shape, self.head_dim)
+        ints = self._unpacked(codes)  # [..., head_dim] integer codes, channels in order
         out = ints.to(work) if scratch is None or work == dtype else scratch.copy_(ints)
         if self.symmetric:
             if self.num_groups == 1:
@@ -210,6 +216,32 @@ class KVQuantizer:
         else:
             out.view(*shape, self.num_groups, self.group).mul_(s).add_(m)
         return out.to(dtype)
+
+    def staged_on(self, device: torch.device) -> bool:
+        """Whether `dequantize` computes in a float32 buffer on `device` (and so uses `scratch`),
+        rather than in one mixed-dtype kernel per step (see STAGED_DEVICE_TYPES)."""
+        return device.type in STAGED_DEVICE_TYPES
+
+    def _unpacked(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., code_dim] -> [..., head_dim] integer codes, channels in order (int4: a fresh
+        uint8 tensor of both nibbles; int8: `codes` itself)."""
+        if self.symmetric:
+            return codes
+        return torch.stack((codes & 15, codes >> 4), dim=-1).view(*codes.shape[:-1], self.head_dim)
+
+    def _dequantize_direct(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantize` off the staged devices: one kernel that reads integer codes and float32
+        scales, computes q * s (+ m) in float32 (exact product, one rounding of the sum) and
+        rounds once more to `dtype` on store: the staged path's bits without a float32 buffer,
+        and no float32 -> bfloat16 rounding of the scales."""
+        shape, g = codes.shape[:-1], (self.num_groups, self.group)
+        out = torch.empty((*shape, self.head_dim), dtype=dtype, device=codes.device)
+        grouped = out.view(*shape, *g)  # [..., G, group]
+        sc = scales.to(torch.float32).view(*shape, self.num_groups, self.scale_dim // self.num_groups)
+        ints = self._unpacked(codes).unflatten(-1, g)  # [..., G, group]
+        if self.symmetric:
+            return torch.mul(ints, sc, out=grouped).view_as(out)
+        return torch.addcmul(sc[..., 1:2], ints, sc[..., 0:1], out=grouped).view_as(out)
 
 
 def _check_scratch(scratch: torch.Tensor | None, shape: tuple[int, ...]) -> None:

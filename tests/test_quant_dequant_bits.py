@@ -52,12 +52,18 @@ def _int4_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return packed, torch.cat((s, m), dim=-1), exact
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "direct"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_dequantize_equals_the_exact_value_rounded_once_with_and_without_scratch(
-    kv_dtype: str, dtype: torch.dtype
+    kv_dtype: str, dtype: torch.dtype, staged: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """`staged`: the CPU's float32 buffer and one cast; `direct`: the GPUs' one mixed-dtype kernel
+    per step (run here on the CPU through the module switch): both must give the oracle's bits."""
+    if not staged:
+        monkeypatch.setattr(quant_module, "STAGED_DEVICE_TYPES", frozenset())
     q = KVQuantizer(kv_dtype, HEAD_DIM)
+    assert q.staged_on(torch.device("cpu")) is staged
     for seed in range(3):
         codes, scales, exact = (_int8_case if kv_dtype == "int8" else _int4_case)(seed)
         want = exact.to(dtype)  # float64 -> dtype: one rounding of the exact value
@@ -70,23 +76,32 @@ def test_dequantize_equals_the_exact_value_rounded_once_with_and_without_scratch
             assert torch.equal(_bits(got), _bits(want)), (seed, (got.double() - want.double()).abs().max())
         # The result is fresh memory: never the scratch, never the codes.
         assert reused.data_ptr() != scratch.data_ptr() or dtype == torch.float32
-        if dtype == torch.float32:  # no float32 intermediate to reuse: the scratch is left alone
+        if dtype == torch.float32 or not staged:  # no float32 intermediate to reuse: scratch left alone
             assert scratch.isnan().all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("kv_dtype", "fused", "chunk_bytes"), [
-    ("int8", False, None), ("int4", False, None), ("int4", True, None), ("int4", True, 5 * 256),
+@pytest.mark.parametrize(("kv_dtype", "fused", "chunk_bytes", "staged"), [
+    ("int8", False, None, True), ("int4", False, None, True), ("int4", True, None, True),
+    ("int4", True, 5 * 256, True), ("int8", False, None, False), ("int4", False, None, False),
 ])  # fmt: skip
 def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memory(
-    kv_dtype: str, fused: bool, chunk_bytes: int | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    kv_dtype: str,
+    fused: bool,
+    chunk_bytes: int | None,
+    staged: bool,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Stored bits written straight into a pool (every code in every layer, K and V), gathered in a
     scrambled block order: each layer's K and V are the oracle's values, in fresh memory, and a
     second gather (which reuses no buffer of the first) leaves the first result unchanged. int4
     on CPU goes through the fused kernel or the plain ops (both must give the oracle's bits), the
-    fused one's half precision cast in one chunk or in chunks of 5 rows (the last one short)."""
+    fused one's half precision cast in one chunk or in chunks of 5 rows (the last one short); the
+    plain ops staged in float32 (CPU) or direct (the GPUs' arithmetic, run here on the CPU)."""
     monkeypatch.setattr(quant_module, "FUSED_INT4", fused)
+    if not staged:
+        monkeypatch.setattr(quant_module, "STAGED_DEVICE_TYPES", frozenset())
     if chunk_bytes is not None:
         monkeypatch.setattr(quant_module, "FUSED_CHUNK_BYTES", chunk_bytes)
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
