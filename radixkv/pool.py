@@ -12,6 +12,11 @@ from .spec import KVSpec
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
+# A dequantising gather handles layers in groups whose float32 values fit in this many bytes:
+# short gathers then pay each op's fixed cost once per group instead of once per layer, long ones
+# keep one layer per step (larger steps spill out of the CPU caches and measured slower).
+GATHER_GROUP_BYTES = 4 << 20
+
 
 def index_copy_rows(dst: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor, dims: int = 2) -> None:
     """`dst.index_copy_(dim, index, src)`, bit for bit, moving the last `dims` dims of both as
@@ -140,39 +145,57 @@ class KVPool:
     def _gather_quantized(self, idx: torch.Tensor, n: int) -> list[LayerKV]:
         """Dequantising gather, per layer one `[2, H, n * bs, D]` result whose halves are K and V.
 
+        Layers go in groups (`layer_group`): each step below covers a group's layers at once, so
+        a short gather pays each op's fixed cost a few times instead of once per layer; the
+        layers of a group share one allocation (disjoint views of it).
         int4 on CPU with one group per head: torch's fused 4-bit embedding-bag kernel reads each
-        selected token-head row and writes `q * s + m` in float32, one pass and one call per layer
-        (bags of one row each). Otherwise: every layer's scales in one select, then per layer one
-        select of its codes into a buffer all layers reuse and one `KVQuantizer.dequantize`.
+        selected token-head row and writes `q * s + m` in float32, one pass and one call per
+        layer group (bags of one row each). Otherwise: every layer's scales in one select, then
+        per layer group one select of its codes into a buffer all groups reuse and one
+        `KVQuantizer.dequantize`.
         """
         spec, bs, quant = self.spec, self.block_size, self.quantizer
         assert quant is not None
-        dev, heads, t = self.data.device, spec.num_kv_heads, n * bs
+        dev, heads, t, layers, d = self.data.device, spec.num_kv_heads, n * bs, spec.num_layers, spec.head_dim
+        size = self.layer_group(t)
+        out: list[LayerKV] = []
         if quant.fused_on(dev):
-            # Row of (K/V, head, block, token) in a layer's [2H * num_blocks * bs, row_bytes] view, in
-            # output order: ([2H, 1] * num_blocks + [n]) -> [2H * n, 1], * bs + [bs] -> [2H * T].
+            # Row of (layer, K/V, head, block, token) in the pool's [L * 2H * num_blocks * bs,
+            # row_bytes] view, in output order: ([2H, 1] * num_blocks + [n]) * bs + [bs] -> [2H * T]
+            # rows of one layer, then + [size, 1] * (rows per layer) -> [size * 2H * T].
             blocks = torch.arange(2 * heads, device=dev)[:, None] * self.num_blocks + idx
             rows = (blocks.reshape(-1, 1) * bs + torch.arange(bs, device=dev)).reshape(-1)
-            per_layer = self.data.view(spec.num_layers, -1, quant.row_bytes)
-            out: list[LayerKV] = []
-            for layer in range(spec.num_layers):
-                kv = quant.dequantize_rows(per_layer[layer], rows, spec.dtype).view(2, heads, t, spec.head_dim)
-                out.append((kv[0:1], kv[1:2]))
+            per_layer = 2 * heads * self.num_blocks * bs
+            rows = (torch.arange(size, device=dev)[:, None] * per_layer + rows).reshape(-1)
+            flat = self.data.view(-1, quant.row_bytes)
+            for first in range(0, layers, size):
+                g = min(size, layers - first)
+                group_rows = rows[: g * 2 * heads * t] + first * per_layer
+                kv = quant.dequantize_rows(flat, group_rows, spec.dtype).view(g, 2, heads, t, d)
+                out += [(kv[i, 0:1], kv[i, 1:2]) for i in range(g)]
             return out
         codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
         # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> float32 (exact).
         scales = scale_bytes.index_select(3, idx).view(torch.float16).to(torch.float32)
-        selected = torch.empty((2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
+        selected = torch.empty((size, 2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
         scratch = None
         if quant.staged_on(dev) and spec.dtype != torch.float32:
-            scratch = torch.empty((2, heads, n, bs, spec.head_dim), dtype=torch.float32, device=dev)
-        out = []
-        for layer in range(spec.num_layers):
-            torch.index_select(codes[layer], 2, idx, out=selected)
-            kv = quant.dequantize(selected, scales[layer], spec.dtype, scratch)  # [2, H, n, bs, D], fresh
-            kv = kv.view(2, heads, t, spec.head_dim)
-            out.append((kv[0:1], kv[1:2]))
+            scratch = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=dev)
+        for first in range(0, layers, size):
+            g = min(size, layers - first)
+            torch.index_select(codes[first : first + g], 3, idx, out=selected[:g])
+            work = None if scratch is None else scratch[:g]
+            kv = quant.dequantize(selected[:g], scales[first : first + g], spec.dtype, work)  # fresh
+            kv = kv.view(g, 2, heads, t, d)
+            out += [(kv[i, 0:1], kv[i, 1:2]) for i in range(g)]
         return out
+
+    def layer_group(self, tokens: int) -> int:
+        """Layers a dequantising gather of `tokens` tokens handles per step: as many as keep the
+        step's float32 values within GATHER_GROUP_BYTES (at least one)."""
+        spec = self.spec
+        per_layer = 2 * spec.num_kv_heads * tokens * spec.head_dim * 4
+        return max(1, min(spec.num_layers, GATHER_GROUP_BYTES // max(per_layer, 1)))
 
     @property
     def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:

@@ -5,10 +5,13 @@ an independent float64 oracle over every int8 code and every packed int4 byte.""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from radixkv import KVSpec
+from radixkv import pool as pool_module
 from radixkv import quant as quant_module
 from radixkv.pool import KVPool
 from radixkv.quant import KVQuantizer
@@ -80,6 +83,7 @@ def test_dequantize_equals_the_exact_value_rounded_once_with_and_without_scratch
             assert scratch.isnan().all()
 
 
+@pytest.mark.parametrize("group_bytes", [None, 2 * 16384, 1], ids=["all-layers", "groups-of-2", "per-layer"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("kv_dtype", "fused", "chunk_bytes", "staged"), [
     ("int8", False, None, True), ("int4", False, None, True), ("int4", True, None, True),
@@ -91,6 +95,7 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     chunk_bytes: int | None,
     staged: bool,
     dtype: torch.dtype,
+    group_bytes: int | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Stored bits written straight into a pool (every code in every layer, K and V), gathered in a
@@ -98,8 +103,12 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     second gather (which reuses no buffer of the first) leaves the first result unchanged. int4
     on CPU goes through the fused kernel or the plain ops (both must give the oracle's bits), the
     fused one's half precision cast in one chunk or in chunks of 5 rows (the last one short); the
-    plain ops staged in float32 (CPU) or direct (the GPUs' arithmetic, run here on the CPU)."""
+    plain ops staged in float32 (CPU) or direct (the GPUs' arithmetic, run here on the CPU); the
+    3 layers dequantised in one step, in steps of 2 then 1 (a layer's float32 values are 16,384
+    bytes here), or one at a time. Layers of a step share an allocation, never memory."""
     monkeypatch.setattr(quant_module, "FUSED_INT4", fused)
+    if group_bytes is not None:
+        monkeypatch.setattr(pool_module, "GATHER_GROUP_BYTES", group_bytes)
     if not staged:
         monkeypatch.setattr(quant_module, "STAGED_DEVICE_TYPES", frozenset())
     if chunk_bytes is not None:
@@ -108,6 +117,7 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     q = KVQuantizer(kv_dtype, HEAD_DIM)
     bs, n = 4, 6
     pool = KVPool(spec, num_blocks=8, block_size=bs, quantizer=q)
+    assert pool.layer_group(4 * bs) == {None: 3, 2 * 16384: 2, 1: 1}[group_bytes]  # 4 blocks gathered below
     lead = (n, spec.num_layers, 2, spec.num_kv_heads, bs)
     rows = n * spec.num_layers * 2 * spec.num_kv_heads * bs
     codes, scales, exact = [], [], []
@@ -132,7 +142,7 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
     want = want.permute(1, 2, 3, 0, 4, 5).reshape(spec.num_layers, 2, spec.num_kv_heads, len(order) * bs, HEAD_DIM)
     kept = [(k.clone(), v.clone()) for k, v in first]
     second = pool.gather([block_ids[i] for i in order])
-    ptrs = set()
+    spans = []  # [first byte, past the last) of every result of both gathers
     for layer, ((k, v), (k2, v2)) in enumerate(zip(first, second, strict=True)):
         for which, out in ((0, k), (1, v)):
             assert out.shape == (1, spec.num_kv_heads, len(order) * bs, HEAD_DIM) and out.dtype == dtype
@@ -140,9 +150,9 @@ def test_pool_gather_equals_the_oracle_bit_for_bit_and_layers_do_not_share_memor
             assert torch.equal(_bits(out[0]), _bits(want[layer, which])), (layer, which)
         assert torch.equal(_bits(k), _bits(kept[layer][0])) and torch.equal(_bits(v), _bits(kept[layer][1]))
         assert torch.equal(_bits(k2), _bits(k)) and torch.equal(_bits(v2), _bits(v))
-        ptrs.add(k.untyped_storage().data_ptr())
-        ptrs.add(k2.untyped_storage().data_ptr())
-    assert len(ptrs) == 2 * spec.num_layers  # every layer of every gather has its own storage
+        spans += [(x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()) for x in (k, v, k2, v2)]
+    spans.sort()
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))  # no shared bytes
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
