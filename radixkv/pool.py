@@ -94,8 +94,8 @@ class KVPool:
         """Copy tokens `[start, start + len(block_ids) * block_size)` of `kv` into `block_ids`.
 
         `kv`: per layer (K, V), each `[1, H, T, D]`, already validated. One index_copy per
-        layer and K/V; a failure part-way leaves only the (still unreachable) target blocks
-        partly written.
+        layer and K/V (quantised: per layer group, see `_write_quantized`); a failure part-way
+        leaves only the (still unreachable) target blocks partly written.
         """
         n = len(block_ids)
         if n == 0:
@@ -106,16 +106,40 @@ class KVPool:
         end = start + n * bs
         idx = self._index(block_ids)
         quant = self.quantizer
-        # Quantising: one float32 temporary [H, n, bs, D] that every layer and K/V reuse.
+        if quant is not None:
+            self._write_quantized(quant, idx, kv, start, end)
+            return
         shape = (spec.num_kv_heads, n, bs, spec.head_dim)
-        scratch = None if quant is None else torch.empty(shape, dtype=torch.float32, device=spec.device)
         for layer, (k, v) in enumerate(kv):
             for which, x in ((0, k), (1, v)):
                 # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
-                src = x[0, :, start:end].reshape(shape)
-                if quant is not None:
-                    src = quant.encode(src, scratch)  # [H, n, bs, row_bytes]
-                index_copy_rows(self.data[layer, which], 1, idx, src)
+                index_copy_rows(self.data[layer, which], 1, idx, x[0, :, start:end].reshape(shape))
+
+    def _write_quantized(
+        self, quant: KVQuantizer, idx: torch.Tensor, kv: Sequence[LayerKV], start: int, end: int
+    ) -> None:
+        """`write` for a quantised pool, layers in groups (`layer_group`): each group's K and V are
+        copied into one float32 buffer `[g, 2, H, n, bs, D]` (every group reuses it), quantised
+        there in one `encode` and stored with one copy, so a short insert pays each op's fixed
+        cost once per group instead of once per layer and K/V."""
+        spec, bs, n = self.spec, self.block_size, idx.numel()
+        size = self.layer_group(end - start)
+        heads, d = spec.num_kv_heads, spec.head_dim
+        work = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=spec.device)
+        for first in range(0, spec.num_layers, size):
+            g = min(size, spec.num_layers - first)
+            group = work[:g]
+            if g == 1 and spec.dtype == torch.float32:  # one layer of float32: quantise it in place
+                for which, x in enumerate(kv[first]):
+                    src = x[0, :, start:end].reshape(heads, n, bs, d)  # a view when blocks are contiguous
+                    index_copy_rows(self.data[first, which], 1, idx, quant.encode(src, group[0, which]))
+                continue
+            for i in range(g):
+                for which, x in enumerate(kv[first + i]):
+                    group[i, which].view(heads, n * bs, d).copy_(x[0, :, start:end])
+            # The group's float32 copy is its own scratch: encode overwrites it in place.
+            stored = quant.encode(group, group)  # [g, 2, H, n, bs, row_bytes]
+            index_copy_rows(self.data[first : first + g], 3, idx, stored)
 
     def gather(self, block_ids: Sequence[int]) -> list[LayerKV]:
         """Per layer (K, V) of `block_ids` in order, each `[1, H, n * block_size, D]`, fresh memory.

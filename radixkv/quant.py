@@ -94,12 +94,13 @@ class KVQuantizer:
 
         `scratch`, a contiguous float32 tensor of x's shape, holds the one full-size float32
         temporary (the float32 copy of half precision input, then x / scale): reused across calls,
-        it saves two allocations per call; its contents are overwritten.
+        it saves two allocations per call; its contents are overwritten. It may be `x` itself (a
+        float32 copy the caller no longer needs), which is then divided in place.
         """
         shape = x.shape[:-1]
         _check_scratch(scratch, x.shape)
         # Half precision input: its float32 copy goes to scratch. float32 input: no copy, g aliases x
-        # (and is never written).
+        # (never written, unless x is the scratch).
         in_scratch = scratch is not None and x.dtype != torch.float32
         g = scratch.view(x.shape).copy_(x) if in_scratch else x.float()
         g = g.reshape(*shape, self.num_groups, self.group)  # [..., G, group]

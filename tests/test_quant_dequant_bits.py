@@ -197,3 +197,49 @@ def test_a_wrong_scratch_is_refused_by_name() -> None:
             q.quantize(x, bad)
         with pytest.raises(ValueError, match="scratch"):
             q.dequantize(codes, scales, torch.float16, bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_quantize_may_take_its_input_as_scratch(kv_dtype: str, dtype: torch.dtype) -> None:
+    """The pool quantises a float32 copy of the KV in place (`scratch` is `x`): same bits as with
+    a separate scratch, whatever the dtype the copy was made from."""
+    q = KVQuantizer(kv_dtype, HEAD_DIM)
+    x = (torch.randn(3, 5, HEAD_DIM, generator=torch.Generator().manual_seed(1)) * 7).to(dtype).float()
+    want = q.quantize(x, torch.empty_like(x))
+    got = q.quantize(x.clone(), None)
+    own = x.clone()
+    in_place = q.quantize(own, own)
+    for a, b in ((want, got), (want, in_place)):
+        assert torch.equal(a[0], b[0]) and torch.equal(_bits(a[1]), _bits(b[1]))
+
+
+@pytest.mark.parametrize("group_bytes", [None, 2 * 12288, 1], ids=["all-layers", "groups-of-2", "per-layer"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_pool_write_in_layer_groups_stores_each_layers_own_encoding(
+    kv_dtype: str, dtype: torch.dtype, group_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantising write handles layers in groups (one float32 buffer, one encode per group):
+    each written block holds exactly `encode` of its own layer's K / V, partial last group
+    included, tokens taken from `start` on, and blocks not written stay zero."""
+    if group_bytes is not None:
+        monkeypatch.setattr(pool_module, "GATHER_GROUP_BYTES", group_bytes)
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
+    q = KVQuantizer(kv_dtype, HEAD_DIM)
+    bs, start, block_ids = 4, 4, [6, 1, 3]  # 12 tokens of float32 per layer: 12,288 bytes
+    pool = KVPool(spec, num_blocks=8, block_size=bs, quantizer=q)
+    assert pool.layer_group(len(block_ids) * bs) == {None: 3, 2 * 12288: 2, 1: 1}[group_bytes]
+    g = torch.Generator().manual_seed(2)
+    t = start + len(block_ids) * bs + 3  # tokens before `start` and after the last block are not stored
+    kv = [tuple((torch.randn(1, 2, t, HEAD_DIM, generator=g) * 5).to(dtype) for _ in range(2)) for _ in range(3)]
+    pool.write(block_ids, kv, start)
+    stored = pool.read_blocks(list(range(8)))  # [8, L, 2, H, bs, row_bytes]
+    for layer in range(3):
+        for which in range(2):
+            x = kv[layer][which][0, :, start : start + len(block_ids) * bs]  # [H, n * bs, D]
+            want = q.encode(x.reshape(2, len(block_ids), bs, HEAD_DIM))  # [H, n, bs, W]
+            for i, b in enumerate(block_ids):
+                assert torch.equal(stored[b, layer, which], want[:, i]), (layer, which, b)
+    untouched = [b for b in range(8) if b not in block_ids]
+    assert not stored[untouched].any()
