@@ -121,19 +121,23 @@ class KVPool:
         """`write` for a quantised pool, layers in groups (`layer_group`): each group's K and V are
         copied into one float32 buffer `[g, 2, H, n, bs, D]` (every group reuses it), quantised
         there in one `encode` and stored with one copy, so a short insert pays each op's fixed
-        cost once per group instead of once per layer and K/V."""
-        spec, bs, n = self.spec, self.block_size, idx.numel()
-        size = self.layer_group(end - start)
+        cost once per group instead of once per layer and K/V. A layer whose K and V alone
+        exceed GATHER_GROUP_BYTES goes K, then V, through a `[H, n, bs, D]` scratch instead:
+        there is no fixed cost worth saving, and the scratch is half the size."""
+        spec, bs, n, t = self.spec, self.block_size, idx.numel(), end - start
         heads, d = spec.num_kv_heads, spec.head_dim
+        if self._layer_bytes(t) > GATHER_GROUP_BYTES:
+            scratch = torch.empty((heads, n, bs, d), dtype=torch.float32, device=spec.device)
+            for layer, (k, v) in enumerate(kv):
+                for which, x in ((0, k), (1, v)):
+                    src = x[0, :, start:end].reshape(heads, n, bs, d)  # a view when blocks are contiguous
+                    index_copy_rows(self.data[layer, which], 1, idx, quant.encode(src, scratch))
+            return
+        size = self.layer_group(t)
         work = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=spec.device)
         for first in range(0, spec.num_layers, size):
             g = min(size, spec.num_layers - first)
             group = work[:g]
-            if g == 1 and spec.dtype == torch.float32:  # one layer of float32: quantise it in place
-                for which, x in enumerate(kv[first]):
-                    src = x[0, :, start:end].reshape(heads, n, bs, d)  # a view when blocks are contiguous
-                    index_copy_rows(self.data[first, which], 1, idx, quant.encode(src, group[0, which]))
-                continue
             for i in range(g):
                 for which, x in enumerate(kv[first + i]):
                     group[i, which].view(heads, n * bs, d).copy_(x[0, :, start:end])
@@ -217,9 +221,11 @@ class KVPool:
     def layer_group(self, tokens: int) -> int:
         """Layers a dequantising gather of `tokens` tokens handles per step: as many as keep the
         step's float32 values within GATHER_GROUP_BYTES (at least one)."""
-        spec = self.spec
-        per_layer = 2 * spec.num_kv_heads * tokens * spec.head_dim * 4
-        return max(1, min(spec.num_layers, GATHER_GROUP_BYTES // max(per_layer, 1)))
+        return max(1, min(self.spec.num_layers, GATHER_GROUP_BYTES // max(self._layer_bytes(tokens), 1)))
+
+    def _layer_bytes(self, tokens: int) -> int:
+        """Bytes of one layer's K and V for `tokens` tokens in float32."""
+        return 2 * self.spec.num_kv_heads * tokens * self.spec.head_dim * 4
 
     @property
     def stored_block(self) -> tuple[tuple[int, int, int, int, int], torch.dtype]:

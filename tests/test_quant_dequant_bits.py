@@ -214,22 +214,25 @@ def test_quantize_may_take_its_input_as_scratch(kv_dtype: str, dtype: torch.dtyp
         assert torch.equal(a[0], b[0]) and torch.equal(_bits(a[1]), _bits(b[1]))
 
 
-@pytest.mark.parametrize("group_bytes", [None, 2 * 12288, 1], ids=["all-layers", "groups-of-2", "per-layer"])
+@pytest.mark.parametrize(
+    "group_bytes", [None, 2 * 12288, 12288, 1], ids=["all-layers", "groups-of-2", "groups-of-1", "k-then-v"]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_pool_write_in_layer_groups_stores_each_layers_own_encoding(
     kv_dtype: str, dtype: torch.dtype, group_bytes: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A quantising write handles layers in groups (one float32 buffer, one encode per group):
-    each written block holds exactly `encode` of its own layer's K / V, partial last group
-    included, tokens taken from `start` on, and blocks not written stay zero."""
+    """A quantising write handles layers in groups (one float32 buffer, one encode per group), or
+    K then V of each layer when one layer's float32 K and V exceed the budget: each written block
+    holds exactly `encode` of its own layer's K / V, partial last group included, tokens taken
+    from `start` on, and blocks not written stay zero."""
     if group_bytes is not None:
         monkeypatch.setattr(pool_module, "GATHER_GROUP_BYTES", group_bytes)
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=HEAD_DIM, dtype=dtype)
     q = KVQuantizer(kv_dtype, HEAD_DIM)
     bs, start, block_ids = 4, 4, [6, 1, 3]  # 12 tokens of float32 per layer: 12,288 bytes
     pool = KVPool(spec, num_blocks=8, block_size=bs, quantizer=q)
-    assert pool.layer_group(len(block_ids) * bs) == {None: 3, 2 * 12288: 2, 1: 1}[group_bytes]
+    assert pool.layer_group(len(block_ids) * bs) == {None: 3, 2 * 12288: 2, 12288: 1, 1: 1}[group_bytes]
     g = torch.Generator().manual_seed(2)
     t = start + len(block_ids) * bs + 3  # tokens before `start` and after the last block are not stored
     kv = [tuple((torch.randn(1, 2, t, HEAD_DIM, generator=g) * 5).to(dtype) for _ in range(2)) for _ in range(3)]
