@@ -12,9 +12,9 @@ from .spec import KVSpec
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
-# A dequantising gather handles layers in groups whose float32 values fit in this many bytes:
-# short gathers then pay each op's fixed cost once per group instead of once per layer, long ones
-# keep one layer per step (larger steps spill out of the CPU caches and measured slower).
+# Quantised gathers and writes handle layers in groups whose float32 values fit in this many
+# bytes: short requests then pay each op's fixed cost once per group instead of once per layer,
+# long ones keep one layer per step (larger steps spill out of the CPU caches and measured slower).
 GATHER_GROUP_BYTES = 4 << 20
 
 
@@ -219,8 +219,8 @@ class KVPool:
         return out
 
     def layer_group(self, tokens: int) -> int:
-        """Layers a dequantising gather of `tokens` tokens handles per step: as many as keep the
-        step's float32 values within GATHER_GROUP_BYTES (at least one)."""
+        """Layers a quantised gather or write of `tokens` tokens handles per step: as many as keep
+        the step's float32 values within GATHER_GROUP_BYTES (at least one)."""
         return max(1, min(self.spec.num_layers, GATHER_GROUP_BYTES // max(self._layer_bytes(tokens), 1)))
 
     def _layer_bytes(self, tokens: int) -> int:
