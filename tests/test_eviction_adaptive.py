@@ -88,3 +88,60 @@ def test_random_operations_keep_every_invariant_of_tree_and_policy() -> None:
     draw = prefixes_of(bases, [None, "t"], tail_max=3 * BS)
     random_operations(cache, rng, 3000, draw, evict_max=12 * BS)
     assert cache.stats.evicted_tokens > 0 and policy.switches >= 2
+
+
+class _ReferenceMiniReuse:
+    """The learned miniature's documented semantics, by brute force: on a miss over capacity,
+    evict the live block with the smallest (key, hash); remember evicted use counts, oldest
+    forgotten first beyond 8x the capacity."""
+
+    def __init__(self, cap: int, offsets: list[float], max_count: int) -> None:
+        self.cap, self.offsets, self.max_count = cap, offsets, max_count
+        self.blocks: dict[int, tuple[float, int]] = {}
+        self.evicted: dict[int, int] = {}
+
+    def run(self, hashes: list[int], now: int, decay: float, hits: float) -> float:
+        for h in hashes:
+            if h in self.blocks:
+                uses = self.blocks[h][1] + 1
+                hits = hits * decay + 1.0
+            else:
+                uses = self.evicted.pop(h, 0) + 1
+                hits = hits * decay
+            self.blocks[h] = (now + self.offsets[min(uses, self.max_count)], uses)
+            if len(self.blocks) > self.cap:
+                gone = min(self.blocks, key=lambda g: (self.blocks[g][0], g))
+                self.evicted[gone] = self.blocks.pop(gone)[1]
+                if len(self.evicted) > 8 * self.cap:
+                    del self.evicted[next(iter(self.evicted))]
+        return hits
+
+
+@pytest.mark.parametrize("offsets_kind", ["zero", "rising", "falling", "random"])
+def test_the_learned_miniature_evicts_exactly_the_smallest_key(offsets_kind: str) -> None:
+    """The miniature's heap skips the push on hits that raise a block's key; its contents, use
+    counts and hit counter must still equal a brute-force minimum search at every step, with
+    offsets that tie keys (zero), only raise them on a hit (rising), lower them (falling: a hit
+    that lowers the key must still be found) or mix both."""
+    from radixkv.adaptive import _MiniReuse
+    from radixkv.reuse_odds import ReuseOdds
+
+    rng = random.Random(7)
+    learner = ReuseOdds(max_count=6)
+    n = learner.max_count + 1
+    learner.offsets = {
+        "zero": [0.0] * n,
+        "rising": [10.0 * f for f in range(n)],
+        "falling": [-25.0 * f for f in range(n)],
+        "random": [rng.uniform(-60.0, 60.0) for _ in range(n)],
+    }[offsets_kind]
+    cap = 24
+    mini, ref = _MiniReuse(cap, learner), _ReferenceMiniReuse(cap, learner.offsets, learner.max_count)
+    got = want = 0.0
+    for now in range(4000):
+        run = [rng.randrange(80) for _ in range(rng.randrange(1, 9))]
+        got, want = mini.run(run, now, 0.99, got), ref.run(run, now, 0.99, want)
+        assert {h: (k, u) for h, (k, u, _) in mini.blocks.items()} == ref.blocks, now
+        assert dict(mini.evicted) == ref.evicted and got == pytest.approx(want, abs=1e-9), now
+        assert all(heap_key <= key for key, _, heap_key in mini.blocks.values())
+    assert len(mini.heap) <= 4 * cap + 16  # rebuilt before it outgrows the live blocks
