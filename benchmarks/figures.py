@@ -92,7 +92,8 @@ QUANT_SPEED_DOC = """Cost of quantised reuse, as ratios to exact measured side b
    Then promotion: a prefix promoted from the host tier and gathered, and a pool hit on it,
    with exact tiers, kv_dtype, and kv_dtype with exact_pool (see `promotion_ratios`).
 2. TTFT of a hit (`--ttft`, loads SmolLM2): `generate(max_new_tokens=1)` on a prompt whose
-   first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype.
+   first ~1,100 tokens are cached, through radixkv.wrap with each kv_dtype; the model in
+   `--ttft-dtype` (float32 by default).
 """
 
 
@@ -626,8 +627,9 @@ def promotion_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str 
 
 
 @torch.no_grad()
-def ttft_ratios(repeats: int) -> dict[str, dict[str, float]]:
+def ttft_ratios(repeats: int, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
     lm = load(SMOLLM2)
+    lm.model.to(dtype)  # the weights load in float32; half precision to see the gather's share there
     ids = lm.tokenizer(TEXT.read_text())["input_ids"][:1_136]
     cached_part = torch.tensor([ids[:1_120]])
     prompt = torch.tensor([ids])
@@ -651,6 +653,9 @@ def quant_speed_main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--ttft", action="store_true", help="also TTFT of a hit on SmolLM2-135M (loads the model)")
     p.add_argument("--ttft-repeats", type=int, default=7)
+    p.add_argument(
+        "--ttft-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype for --ttft"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="device of the gather and insert part (e.g. cuda); TTFT runs on CPU")
     args = p.parse_args(argv)
@@ -679,9 +684,9 @@ def quant_speed_main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     if args.ttft:
-        print("\nTTFT, 1,136-token prompt, 1,120 cached (float32 model)")
+        print(f"\nTTFT, 1,136-token prompt, 1,120 cached ({args.ttft_dtype} model)")
         print("| path | TTFT ms | vs exact hit |\n|---|---|---|")
-        for name, r in ttft_ratios(args.ttft_repeats).items():
+        for name, r in ttft_ratios(args.ttft_repeats, getattr(torch, args.ttft_dtype)).items():
             print(f"| {name} | {r['ttft_ms']:.0f} | {r['ttft_ratio']:.3f}x |", flush=True)
 
 
