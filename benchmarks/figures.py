@@ -536,14 +536,15 @@ def _round_robin(calls: dict[str, Callable[[], Any]], repeats: int, device: str 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _smollm2_kv(tokens: int, dtype: torch.dtype, device: str, g: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
+    """Random KV of `tokens` tokens in SmolLM2-135M's shape: 30 layers of (K, V) `[1, 3, tokens, 64]`."""
+    return [tuple(torch.randn(1, 3, tokens, 64, generator=g).to(device, dtype) for _ in range(2)) for _ in range(30)]
+
+
 def gather_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str = "cpu") -> dict[str, dict[str, float]]:
     spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, device=torch.device(device))
     ids = list(range(tokens))
-    g = torch.Generator().manual_seed(0)
-    kv = [
-        tuple(torch.randn(1, 3, tokens, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-        for _ in range(spec.num_layers)
-    ]
+    kv = _smollm2_kv(tokens, dtype, device, torch.Generator().manual_seed(0))
     caches = {kd or "exact": PrefixCache(spec, capacity_tokens=2 * tokens, kv_dtype=kd) for kd in KV_DTYPES}
     matches = {}
     for name, cache in caches.items():
@@ -586,10 +587,7 @@ def promotion_ratios(tokens: int, repeats: int, dtype: torch.dtype, device: str 
     spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, device=torch.device(device))
     g = torch.Generator().manual_seed(0)
     prefixes = [list(range(k * 100_000, k * 100_000 + tokens)) for k in range(2)]
-    kvs = [
-        [tuple(torch.randn(1, 3, tokens, 64, generator=g).to(device, dtype) for _ in range(2)) for _ in range(30)]
-        for _ in prefixes
-    ]
+    kvs = [_smollm2_kv(tokens, dtype, device, g) for _ in prefixes]
     caches = {
         name: PrefixCache(spec, capacity_tokens=tokens, host_capacity_tokens=4 * tokens, eviction="lru", **kw)
         for name, kw in PROMOTION_MODES.items()

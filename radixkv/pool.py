@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -94,7 +94,7 @@ class KVPool:
         """Copy tokens `[start, start + len(block_ids) * block_size)` of `kv` into `block_ids`.
 
         `kv`: per layer (K, V), each `[1, H, T, D]`, already validated. One index_copy per
-        layer and K/V (quantised: per layer group, see `_write_quantized`); a failure part-way
+        layer and K/V (quantised short runs: per layer group, see `_write_groups`); a failure part-way
         leaves only the (still unreachable) target blocks partly written.
         """
         n = len(block_ids)
@@ -106,34 +106,29 @@ class KVPool:
         end = start + n * bs
         idx = self._index(block_ids)
         quant = self.quantizer
-        if quant is not None:
-            self._write_quantized(quant, idx, kv, start, end)
+        if quant is not None and self._layer_bytes(end - start) <= GATHER_GROUP_BYTES:
+            self._write_groups(quant, idx, kv, start, end)
             return
+        # One layer and K/V at a time: exact, or quantised through one float32 scratch [H, n, bs, D]
+        # when one layer's K and V alone exceed GATHER_GROUP_BYTES (no op cost left to save there).
         shape = (spec.num_kv_heads, n, bs, spec.head_dim)
+        scratch = None if quant is None else torch.empty(shape, dtype=torch.float32, device=spec.device)
         for layer, (k, v) in enumerate(kv):
             for which, x in ((0, k), (1, v)):
                 # [1, H, T, D] -> [H, n, bs, D]; a view when the token dim is contiguous in blocks.
-                index_copy_rows(self.data[layer, which], 1, idx, x[0, :, start:end].reshape(shape))
+                src = x[0, :, start:end].reshape(shape)
+                if quant is not None:
+                    src = quant.encode(src, scratch)  # [H, n, bs, row_bytes]
+                index_copy_rows(self.data[layer, which], 1, idx, src)
 
-    def _write_quantized(
-        self, quant: KVQuantizer, idx: torch.Tensor, kv: Sequence[LayerKV], start: int, end: int
-    ) -> None:
-        """`write` for a quantised pool, layers in groups (`layer_group`): each group's K and V are
-        copied into one float32 buffer `[g, 2, H, n, bs, D]` (every group reuses it), quantised
-        there in one `encode` and stored with one copy, so a short insert pays each op's fixed
-        cost once per group instead of once per layer and K/V. A layer whose K and V alone
-        exceed GATHER_GROUP_BYTES goes K, then V, through a `[H, n, bs, D]` scratch instead:
-        there is no fixed cost worth saving, and the scratch is half the size."""
-        spec, bs, n, t = self.spec, self.block_size, idx.numel(), end - start
+    def _write_groups(self, quant: KVQuantizer, idx: torch.Tensor, kv: Sequence[LayerKV], start: int, end: int) -> None:
+        """Quantising `write` of a short run, layers in groups (`layer_group`): each group's K and V
+        are copied into one float32 buffer `[g, 2, H, n, bs, D]` (every group reuses it), quantised
+        there in one `encode` and stored with one copy, so the run pays each op's fixed cost once
+        per group instead of once per layer and K/V."""
+        spec, bs, n = self.spec, self.block_size, idx.numel()
         heads, d = spec.num_kv_heads, spec.head_dim
-        if self._layer_bytes(t) > GATHER_GROUP_BYTES:
-            scratch = torch.empty((heads, n, bs, d), dtype=torch.float32, device=spec.device)
-            for layer, (k, v) in enumerate(kv):
-                for which, x in ((0, k), (1, v)):
-                    src = x[0, :, start:end].reshape(heads, n, bs, d)  # a view when blocks are contiguous
-                    index_copy_rows(self.data[layer, which], 1, idx, quant.encode(src, scratch))
-            return
-        size = self.layer_group(t)
+        size = self.layer_group(end - start)
         work = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=spec.device)
         for first in range(0, spec.num_layers, size):
             g = min(size, spec.num_layers - first)
@@ -186,7 +181,7 @@ class KVPool:
         assert quant is not None
         dev, heads, t, layers, d = self.data.device, spec.num_kv_heads, n * bs, spec.num_layers, spec.head_dim
         size = self.layer_group(t)
-        out: list[LayerKV] = []
+        step: Callable[[int, int], torch.Tensor]  # (first layer, layers) -> [g, 2, H, n, bs, D], fresh
         if quant.fused_on(dev):
             # Row of (layer, K/V, head, block, token) in the pool's [L * 2H * num_blocks * bs,
             # row_bytes] view, in output order: ([2H, 1] * num_blocks + [n]) * bs + [bs] -> [2H * T]
@@ -196,25 +191,28 @@ class KVPool:
             per_layer = 2 * heads * self.num_blocks * bs
             rows = (torch.arange(size, device=dev)[:, None] * per_layer + rows).reshape(-1)
             flat = self.data.view(-1, quant.row_bytes)
-            for first in range(0, layers, size):
-                g = min(size, layers - first)
-                group_rows = rows[: g * 2 * heads * t] + first * per_layer
-                kv = quant.dequantize_rows(flat, group_rows, spec.dtype).view(g, 2, heads, t, d)
-                out += [(kv[i, 0:1], kv[i, 1:2]) for i in range(g)]
-            return out
-        codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
-        # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> float32 (exact).
-        scales = scale_bytes.index_select(3, idx).view(torch.float16).to(torch.float32)
-        selected = torch.empty((size, 2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
-        scratch = None
-        if quant.staged_on(dev) and spec.dtype != torch.float32:
-            scratch = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=dev)
+
+            def step(first: int, g: int) -> torch.Tensor:
+                return quant.dequantize_rows(flat, rows[: g * 2 * heads * t] + first * per_layer, spec.dtype)
+
+        else:
+            codes, scale_bytes = quant.split(self.data)  # [L, 2, H, num_blocks, bs, code_dim / 2 * scale_dim]
+            # Every layer's scales in one select: [L, 2, H, n, bs, scale_dim] float16 -> float32 (exact).
+            scales = scale_bytes.index_select(3, idx).view(torch.float16).to(torch.float32)
+            selected = torch.empty((size, 2, heads, n, bs, quant.code_dim), dtype=quant.code_dtype, device=dev)
+            scratch = None
+            if quant.staged_on(dev) and spec.dtype != torch.float32:
+                scratch = torch.empty((size, 2, heads, n, bs, d), dtype=torch.float32, device=dev)
+
+            def step(first: int, g: int) -> torch.Tensor:
+                torch.index_select(codes[first : first + g], 3, idx, out=selected[:g])
+                work = None if scratch is None else scratch[:g]
+                return quant.dequantize(selected[:g], scales[first : first + g], spec.dtype, work)
+
+        out: list[LayerKV] = []
         for first in range(0, layers, size):
             g = min(size, layers - first)
-            torch.index_select(codes[first : first + g], 3, idx, out=selected[:g])
-            work = None if scratch is None else scratch[:g]
-            kv = quant.dequantize(selected[:g], scales[first : first + g], spec.dtype, work)  # fresh
-            kv = kv.view(g, 2, heads, t, d)
+            kv = step(first, g).view(g, 2, heads, t, d)
             out += [(kv[i, 0:1], kv[i, 1:2]) for i in range(g)]
         return out
 

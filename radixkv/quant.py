@@ -200,10 +200,9 @@ class KVQuantizer:
         # product code * scale is exact in float32 (8 x 11 significant bits), so the result is the
         # code times the scale rounded once to `dtype` (int4: (q * s + m) rounded once to float32, then
         # to `dtype`).
-        work = torch.float32
-        sc = scales.to(work)
+        sc = scales.to(torch.float32)
         ints = self._unpacked(codes)  # [..., head_dim] integer codes, channels in order
-        out = ints.to(work) if scratch is None or work == dtype else scratch.copy_(ints)
+        out = ints.to(torch.float32) if scratch is None or dtype == torch.float32 else scratch.copy_(ints)
         if self.symmetric:
             if self.num_groups == 1:
                 out.mul_(sc)

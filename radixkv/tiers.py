@@ -175,12 +175,8 @@ class Tiers:
         while root.parent is not None:
             root = root.parent
         ids = node.block_ids
-        approximate = pool.approximate
+        approximate = pool.approximate  # empty unless the pool is exact over quantised tiers
         i, n = first, len(ids)
-        if not approximate:  # always so unless the pool is exact over quantised tiers
-            if i < n:
-                self._keep_below(root.ns_key, prev, node, i, n)
-            return
         while i < n:
             # Blocks an exact pool got by promotion hold dequantised KV whose stored form is
             # still below (or was dropped there): they are not quantised again, only freed.
