@@ -145,7 +145,11 @@ def row_kv(past: DynamicCache, row: int, start: int, stop: int, spec: KVSpec) ->
     """Per layer (K, V) `[1, H, stop - start, D]` of cache row `row`, columns [start, stop), on `spec.device`.
 
     Views when the layer already lives on the spec's device (the cache copies what it stores).
+    A cache whose rows hold a shared prefix once composes the row (`SharedPrefixCache.row_kv`).
     """
+    composed = getattr(past, "row_kv", None)
+    if composed is not None:
+        return composed(row, start, stop, spec)
     out: list[LayerKV] = []
     for layer in past.layers:
         k = layer.keys[row : row + 1, :, start:stop].to(spec.device)
@@ -155,8 +159,8 @@ def row_kv(past: DynamicCache, row: int, start: int, stop: int, spec: KVSpec) ->
 
 
 def past_length(past: DynamicCache) -> int:
-    """Columns held by every layer of `past`; raises UnsupportedKV if layers disagree."""
-    lengths = {layer.keys.shape[-2] if layer.keys is not None else 0 for layer in past.layers}
+    """Columns held by every layer of `past` (as `generate` counts them); raises UnsupportedKV if layers disagree."""
+    lengths = {layer.get_seq_length() if layer.keys is not None else 0 for layer in past.layers}
     if len(lengths) != 1:
         raise UnsupportedKV(f"cache layers hold different lengths after generate: {sorted(lengths)}")
     return lengths.pop()

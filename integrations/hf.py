@@ -9,6 +9,7 @@ cached.cache.stats
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import warnings
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from radixkv import KVSpec, PrefixCache, PrefixMatch
 from radixkv.cache import CacheOptions
@@ -25,6 +27,8 @@ from radixkv.hashing import namespace_key
 from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
+from ._hf_share import BlockTrie, ShareGroup, prefixes_to_compute, share_groups
+from ._hf_shared_kv import SharedPrefixCache, build_shared_past, shared_attention
 from ._hf_support import (
     CallPlan,
     Passthrough,
@@ -51,6 +55,11 @@ DEFAULT_CPU_MEMORY_FRACTION = 0.25
 """...and off CUDA at most this share of physical memory..."""
 DEFAULT_CUDA_FREE_FRACTION = 0.5
 """...and on CUDA at most this share of the device's free memory when `wrap` runs."""
+SHARE_MIN_TOKENS = 256
+"""Rows of a call attend to one copy of a common cached prefix only when it is at least this
+long (below it the extra products and the merge cost more than the copies they save)..."""
+SHARE_MIN_ROWS = 2
+"""...and at least this many sequences (rows times beams or samples) share it."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,12 @@ class AdapterStats:
     whose prefill was skipped. `cache.stats.hit_tokens` counts matched tokens, which exceed
     reused_tokens in batches where another row's longer uncached suffix had to be computed.
     weight_changes: times a call found the weights changed since the previous one (and dropped
-    the cache).
+    the cache). computed_once_tokens: prompt tokens that several sequences of one call shared and
+    that were prefilled once for all of them before `generate` (see `share_prefixes`); the rows
+    then reuse them, so they are in reused_tokens too. Prefill work of the cached calls is
+    prompt_tokens - reused_tokens + computed_once_tokens (plus padding columns). held_once_tokens:
+    tokens of KV that decoding did not duplicate: per shared call, the shared prefix's length times
+    (sequences sharing it - 1).
     """
 
     calls: int
@@ -70,6 +84,8 @@ class AdapterStats:
     prompt_tokens: int
     reused_tokens: int
     weight_changes: int = 0
+    computed_once_tokens: int = 0
+    held_once_tokens: int = 0
 
 
 class CachedModel:
@@ -127,21 +143,34 @@ class CachedModel:
     Thread safety: the cache is thread-safe; the model's own thread safety is unchanged.
     """
 
-    def __init__(self, model: Any, *, reuse_generated: bool | None = None, **options: Unpack[CacheOptions]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        reuse_generated: bool | None = None,
+        share_prefixes: bool | None = None,
+        **options: Unpack[CacheOptions],
+    ) -> None:
         if reuse_generated is not None and not isinstance(reuse_generated, bool):
             raise TypeError(f"reuse_generated must be None, True or False, got {reuse_generated!r}")
+        if share_prefixes is not None and not isinstance(share_prefixes, bool):
+            raise TypeError(f"share_prefixes must be None, True or False, got {share_prefixes!r}")
         unknown = sorted(set(options) - set(CacheOptions.__annotations__))
         if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}: wrap takes reuse_generated and PrefixCache's")
+            raise TypeError(
+                f"unexpected keyword arguments {unknown}: wrap takes reuse_generated, share_prefixes and PrefixCache's"
+            )
         if isinstance(model, CachedModel):
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
         if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a transformers model with generate() and a config, got {type(model)!r}")
         self.model = model
         self._reuse_generated = reuse_generated
+        self._share_prefixes = share_prefixes
         self._signature = generate_signature(model.generate)
         self._lock = threading.Lock()
         self._calls = self._uncached_calls = self._prompt_tokens = self._reused_tokens = 0
+        self._computed_once_tokens = self._held_once_tokens = 0
         self._epoch = 0  # weight changes seen so far: each one drops the cache and keys entries anew
         self.unsupported_reason: str | None = model_unsupported_reason(model)
         self._model_kv: ModelKV | None = None
@@ -171,6 +200,8 @@ class CachedModel:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self._vocab_size: int | None = getattr(embeddings, "num_embeddings", None)
         self._watch = WeightsWatch(model)  # after the probe's forward pass, which may add buffers
+        self.hold_once_reason: str | None = _hold_once_reason(model) if self.cache is not None else None
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._tensors_version, _ = self._watch.look()
 
     def __repr__(self) -> str:
@@ -191,10 +222,40 @@ class CachedModel:
         return self._model_kv is not None and _decode_kv_is_exact(self._model_kv.spec.dtype)
 
     @property
+    def share_prefixes(self) -> tuple[bool, bool]:
+        """(computed once, held once) for a call starting now; see `wrap`'s `share_prefixes`.
+
+        Computed once: prefixes several sequences of a call share are prefilled once and stored
+        before `generate`, so the rows hit them. That KV is a prefill's, as a hit from an earlier
+        call would be, so by default it is on wherever such a hit reproduces plain `generate`:
+        float32 / float64 KV (as `reuse_generated`), or eager attention in half precision (its
+        prefill KV of a prefix does not depend on what follows). Held once: rows attend to one
+        copy of the shared prefix, merging two partial softmaxes in float32; by default only for
+        float32 / float64 KV (in half precision that merge rounds differently from the model's
+        kernel), never where `hold_once_reason` says the model cannot. True: both (held once where
+        the model can), also in half precision and with a quantised pool; False: neither.
+        """
+        if self._model_kv is None or self._share_prefixes is False:
+            return False, False
+        holdable = self.hold_once_reason is None
+        if self._share_prefixes:
+            return True, holdable
+        assert self.cache is not None
+        exact = self.cache.kv_dtype is None and _decode_kv_is_exact(self._model_kv.spec.dtype)
+        eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
+        return exact or (eager and self.cache.kv_dtype is None), exact and holdable
+
+    @property
     def stats(self) -> AdapterStats:
         with self._lock:
             return AdapterStats(
-                self._calls, self._uncached_calls, self._prompt_tokens, self._reused_tokens, self._epoch
+                self._calls,
+                self._uncached_calls,
+                self._prompt_tokens,
+                self._reused_tokens,
+                self._epoch,
+                self._computed_once_tokens,
+                self._held_once_tokens,
             )
 
     def generate(self, *args: Any, namespace: object = None, **kwargs: Any) -> Any:
@@ -233,28 +294,128 @@ class CachedModel:
         rows: list[list[int]] = ids.tolist()
         prompts = [row[width - n :] for row, n in zip(rows, lengths, strict=True)]
 
+        compute_once, hold_once = self.share_prefixes
+        expand = plan.expand
+        trie = BlockTrie(prompts, cache.block_size, expand)
         matches: list[PrefixMatch] = []
+        groups: list[ShareGroup] = []
+        shared: list[list[LayerKV]] = []
         try:
-            for prompt in prompts:
-                # At most len - 1 tokens: generate must compute at least one prompt token.
-                matches.append(cache.match(prompt[:-1], namespace=namespace, tenant=tenant))
+            matches = self._match_all(prompts, namespace, tenant)
+            if compute_once:
+                todo = prefixes_to_compute(trie, [m.num_tokens for m in matches])
+                if todo:
+                    # Compute each shared prefix once, store it, then look the rows up again: they
+                    # hit it like a prefix an earlier call stored (the same prefill KV).
+                    self._release_all(matches)
+                    matches = []
+                    self._compute_prefixes([prompts[row][:n] for row, n in todo], namespace, tenant)
+                    matches = self._match_all(prompts, namespace, tenant)
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
-            gathered = [cache.gather(m) if n > 0 else None for m, n in zip(matches, layout.reused, strict=True)]
+            if hold_once:
+                groups = share_groups(trie, layout.reused, expand, min_tokens=SHARE_MIN_TOKENS, min_rows=SHARE_MIN_ROWS)
+            held = [0] * len(prompts)  # per input row: tokens its group holds once
+            for g in groups:
+                for r in g.rows[::expand]:
+                    held[r // expand] = g.tokens
+            # Rows gather only what they hold themselves; each group's prefix is gathered once.
+            bs = cache.block_size
+            gathered = [
+                cache.gather(m, start=h, stop=min(m.num_tokens, -(-n // bs) * bs)) if n > h else None
+                for m, n, h in zip(matches, layout.reused, held, strict=True)
+            ]
+            shared = [cache.gather(matches[g.source], stop=g.tokens) for g in groups]
         finally:
-            for m in matches:
-                if not m.released:
-                    cache.release(m)
+            self._release_all(matches)
 
-        past = build_past(layout, gathered, model_kv, plan.expand)
-        del gathered
+        if groups:
+            past: Any = build_shared_past(
+                own=gathered,
+                own_tokens=[n - h for n, h in zip(layout.reused, held, strict=True)],
+                shared=shared,
+                groups=[(g.rows, g.tokens) for g in groups],
+                expand=expand,
+                past_width=layout.past_width,
+                row_start=[width - n for n in lengths],
+                suffix_valid=mask[:, layout.past_width :],
+                layer_devices=model_kv.layer_devices,
+                spec=model_kv.spec,
+            )
+        else:
+            past = build_past(layout, gathered, model_kv, expand)
+        del gathered, shared
         extra = plan.bound.arguments.setdefault(plan.var_kwargs, {})
         extra[CACHE_KWARG] = past
         extra["attention_mask"] = mask
-        out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
-        self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens)
+        if groups:
+            with shared_attention(self.model, past):
+                out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
+            _check_all_layers_shared(past)
+        else:
+            out = self.model.generate(*plan.bound.args, **plan.bound.kwargs)
+        held_tokens = sum(g.tokens * (len(g.rows) - 1) for g in groups)
+        self._count(uncached=False, prompt_tokens=sum(lengths), reused_tokens=layout.reused_tokens, held=held_tokens)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._insert(plan, layout, prompts, sequences, past, namespace, tenant)
         return out
+
+    def _match_all(self, prompts: Sequence[list[int]], namespace: object, tenant: object) -> list[PrefixMatch]:
+        """Each prompt's longest cached prefix, at most len - 1 tokens (generate must compute at
+        least one prompt token). On an exception, the matches taken so far are released."""
+        cache = self.cache
+        assert cache is not None
+        matches: list[PrefixMatch] = []
+        try:
+            for prompt in prompts:
+                matches.append(cache.match(prompt[:-1], namespace=namespace, tenant=tenant))
+        except BaseException:
+            self._release_all(matches)
+            raise
+        return matches
+
+    def _release_all(self, matches: Sequence[PrefixMatch]) -> None:
+        assert self.cache is not None
+        for m in matches:
+            if not m.released:
+                self.cache.release(m)
+
+    def _compute_prefixes(self, prefixes: Sequence[list[int]], namespace: object, tenant: object) -> None:
+        """Prefill each of `prefixes` (whole blocks, shortest first) on top of its cached part and store it.
+
+        One single-row forward pass per prefix over its uncached tokens, positions as in a
+        left-padded batch (0 at the first real token), only the last position's logits. What is
+        stored is complete prefill KV: an exception leaves at most fewer prefixes stored.
+        """
+        cache, model_kv = self.cache, self._model_kv
+        assert cache is not None and model_kv is not None
+        spec = model_kv.spec
+        device = self.model.device
+        for tokens in prefixes:
+            match = cache.match(tokens, namespace=namespace, tenant=tenant)
+            try:
+                hit = match.num_tokens
+                if hit >= len(tokens):  # another call stored it meanwhile
+                    continue
+                layout = plan_layout(len(tokens), [len(tokens)], [hit])
+                gathered = [cache.gather(match)] if hit else [None]
+            finally:
+                cache.release(match)
+            past = build_past(layout, gathered, model_kv, 1)
+            del gathered
+            rest = torch.tensor([tokens[hit:]], dtype=torch.long, device=device)
+            kwargs: dict[str, Any] = {
+                CACHE_KWARG: past,
+                "use_cache": True,
+                "attention_mask": torch.ones((1, len(tokens)), dtype=torch.long, device=device),
+                "position_ids": torch.arange(hit, len(tokens), device=device).unsqueeze(0),
+            }
+            if self._logits_to_keep:
+                kwargs["logits_to_keep"] = 1  # the logits are not used: skip the vocabulary projection
+            with torch.no_grad():
+                self.model(input_ids=rest, **kwargs)
+            cache.insert(tokens, row_kv(past, 0, 0, len(tokens), spec), namespace=namespace, tenant=tenant)
+            with self._lock:
+                self._computed_once_tokens += len(tokens) - hit
 
     def _namespace(self) -> object:
         """The cache namespace for a call starting now: (weights epoch, adapter state), None for
@@ -320,9 +481,10 @@ class CachedModel:
         if len(tokens) >= self.cache.block_size:
             self.cache.insert(tokens, kv, namespace=namespace, tenant=tenant)
 
-    def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
+    def _count(self, *, uncached: bool, prompt_tokens: int = 0, reused_tokens: int = 0, held: int = 0) -> None:
         with self._lock:
             self._calls += 1
+            self._held_once_tokens += held
             self._uncached_calls += int(uncached)
             self._prompt_tokens += prompt_tokens
             self._reused_tokens += reused_tokens
@@ -339,6 +501,40 @@ def _decode_kv_is_exact(dtype: torch.dtype) -> bool:
     if dtype == torch.float64:
         return True
     return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def _hold_once_reason(model: Any) -> str | None:
+    """Why rows of `model` cannot attend to one copy of a shared prefix, or None when they can.
+
+    The shared path replaces the model's attention function (transformers' attention
+    interface) and computes plain softmax attention without windows: models whose attention
+    does not go through that interface, or that use sliding windows, logit soft-capping or an
+    upcast-and-reorder variant, keep a private copy per row (today's path, same output).
+    """
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route its attention through transformers' attention interface"
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("eager", "sdpa"):
+        return f"attention implementation {implementation!r} (shared prefixes are served over eager and sdpa)"
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except Exception as exc:  # any config transformers cannot describe layer by layer
+        return f"cannot read the model's attention layer types ({exc})"
+    if any(t != "full_attention" for t in layer_types):
+        return "the model has sliding-window layers (a shared prefix may fall outside a row's window)"
+    for name in ("attn_logit_softcapping", "reorder_and_upcast_attn"):
+        if getattr(config, name, None):
+            return f"the model's config sets {name}"
+    return None
+
+
+def _check_all_layers_shared(past: SharedPrefixCache) -> None:
+    """Every layer's attention must have gone through the shared path; a layer that bypassed it
+    would have attended to its own tokens only. Raises rather than return such output."""
+    missed = [i for i, calls in enumerate(past.attention_calls) if calls == 0]
+    if missed:
+        raise RuntimeError(f"radixkv: layers {missed} did not use the shared-prefix attention; output is not valid")
 
 
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
@@ -384,7 +580,13 @@ def _physical_memory() -> int | None:
         return None
 
 
-def wrap(model: Any, *, reuse_generated: bool | None = None, **options: Unpack[CacheOptions]) -> CachedModel:
+def wrap(
+    model: Any,
+    *,
+    reuse_generated: bool | None = None,
+    share_prefixes: bool | None = None,
+    **options: Unpack[CacheOptions],
+) -> CachedModel:
     """Wrap a Hugging Face decoder-only model so that `generate` reuses cached prefixes.
 
     Give at most one of `capacity_tokens` / `capacity_bytes`; the pool is allocated and zeroed
@@ -403,6 +605,14 @@ def wrap(model: Any, *, reuse_generated: bool | None = None, **options: Unpack[C
     once, as plain `generate` does, and later turns hit on it. True: always (greedy output may
     differ slightly from plain `generate` in half precision). False: never. Anything else
     raises TypeError.
+    `share_prefixes`: sharing inside one call. Prefixes (whole blocks) that several rows, beams
+    or sampled sequences of a call share are prefilled once and stored before `generate`
+    (computed once), and rows sharing a cached prefix of at least SHARE_MIN_TOKENS tokens attend
+    to one copy of its KV while decoding (held once; exact log-sum-exp merge). None (default):
+    computed once where a cached hit reproduces plain `generate` (float32 / float64, or eager
+    attention in half precision, exact pool), held once in float32 / float64 only
+    (`CachedModel.share_prefixes`). True: both wherever the model allows (`hold_once_reason`).
+    False: neither (each row computes and holds its own copy, as plain `generate` does).
     `kv_dtype="int8"` / `"int4"` (PrefixCache's) stores reused KV quantised (about 1.9x / 3.5x
     the tokens of float16 per byte); outputs then differ from plain `generate`. The default
     (None) keeps them equal. The host, disk and shared tiers store the same quantised blocks;
@@ -417,4 +627,4 @@ def wrap(model: Any, *, reuse_generated: bool | None = None, **options: Unpack[C
     raises SharedTierError here; an unreachable server warns once and the local cache serves
     alone until it is back.
     """
-    return CachedModel(model, reuse_generated=reuse_generated, **options)
+    return CachedModel(model, reuse_generated=reuse_generated, share_prefixes=share_prefixes, **options)

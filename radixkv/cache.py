@@ -517,15 +517,25 @@ class PrefixCache:
             if match._node is not None:
                 self._blocks.free(self._tree.release(match._node))
 
-    def gather(self, match: PrefixMatch) -> list[LayerKV]:
-        """Per layer (K, V) of the matched tokens, each `[1, num_kv_heads, num_tokens, head_dim]`.
+    def gather(self, match: PrefixMatch, *, start: int = 0, stop: int | None = None) -> list[LayerKV]:
+        """Per layer (K, V) of matched tokens [start, stop), each `[1, num_kv_heads, stop - start, head_dim]`.
 
-        Fresh tensors: callers may modify them. The match must be live (not released).
+        `start` and `stop` (default: all matched tokens) are multiples of the block size with
+        0 <= start <= stop <= num_tokens; a part of a match is gathered without copying the
+        rest (e.g. rows that hold a shared prefix once gather only their own tokens). Fresh
+        tensors: callers may modify them. The match must be live (not released).
         """
         with self._lock:
             self._check_match(match)
+        n, bs = match.num_tokens, self.block_size
+        stop = n if stop is None else stop
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, int) or value % bs or not 0 <= value <= n:
+                raise ValueError(f"{name} must be a multiple of block_size={bs} in [0, {n}], got {value!r}")
+        if start > stop:
+            raise ValueError(f"start must be <= stop, got start={start}, stop={stop}")
         # Locked blocks are never rewritten, so the copy needs no lock.
-        return self._pool.gather(match.block_ids)
+        return self._pool.gather(match.block_ids[start // bs : stop // bs])
 
     def _check_match(self, match: object) -> None:
         if not isinstance(match, PrefixMatch):
