@@ -4,6 +4,7 @@
     python -m radixkv.benchmarks.sharing decode                # SmolLM2, 16 rows x 2,048 shared tokens
     python -m radixkv.benchmarks.sharing beams                 # num_beams=4 over a 2,048-token prompt
     python -m radixkv.benchmarks.sharing break-even            # decode step time by prefix and rows
+    python -m radixkv.benchmarks.sharing half                  # SmolLM2 bfloat16: outputs vs plain
 
 Every figure runs plain `model.generate` and the cached model on the same batch in the same
 process (except `decode`'s memory, which takes a fresh process per method) and checks that the
@@ -284,6 +285,53 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "new": args.new, "question": args.question, "table": table}
 
 
+QUESTIONS = [
+    "Summarise the document in two sentences.",
+    "What is the most surprising fact in it?",
+    "Explain the main idea to a child.",
+    "List three key terms from the document.",
+    "What question does the document leave open?",
+    "Write a title for the document.",
+    "Which part would you cut, and why?",
+    "Give one example that illustrates the document.",
+]
+
+
+def half(args: argparse.Namespace) -> dict[str, Any]:
+    """The trained model in half precision: rows sharing a real document, each with its own
+    question (chat template), cold then warm, per attention and setting: rows whose tokens differ
+    from plain `generate` and the largest score difference."""
+    from .workloads import read_text
+
+    loaded = load(args.model, dtype=args.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if tok is None:
+        raise SystemExit(f"half: --model {args.model} has no tokenizer (use smollm2)")
+    document = read_text(f"documents/{args.document_name}.md")
+    rows = []
+    for question in QUESTIONS[: args.rows]:
+        messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
+        rows.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ids, mask = left_pad([list(r) for r in rows], pad=tok.pad_token_id or 0)
+    gen = {"max_new_tokens": args.new, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    table = []
+    for attention in ("eager", "sdpa"):
+        model.config._attn_implementation = attention
+        plain = model.generate(ids, attention_mask=mask, **gen)
+        for setting in (None, True):
+            cached = radixkv.wrap(model, capacity_tokens=8 * ids.shape[1] + 4096, share_prefixes=setting)
+            for call in ("cold", "warm"):
+                ours = cached.generate(ids, attention_mask=mask, **gen)
+                differ = sum(not torch.equal(a, b) for a, b in zip(ours.sequences, plain.sequences, strict=True))
+                steps = min(len(ours.scores), len(plain.scores))
+                diff = max((ours.scores[i] - plain.scores[i]).abs().max().item() for i in range(steps))
+                row = {"attention": attention, "share_prefixes": setting, "call": call, "rows_differ": differ}
+                row |= {"max_score_diff": round(diff, 4), "shared": cached.share_prefixes}
+                print(row, file=sys.stderr)
+                table.append(row)
+    return {"model": args.model, "dtype": args.dtype, "rows": args.rows, "prompt_width": ids.shape[1], "table": table}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m radixkv.benchmarks.sharing", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="figure", required=True)
@@ -307,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=2048)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--new", type=int, default=8)
+    p = sub.add_parser("half")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--document-name", default="honeybees")
+    p.add_argument("--new", type=int, default=32)
     p = sub.add_parser("break-even")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--prefixes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
@@ -330,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode-one": decode_one,
         "beams": beams,
         "break-even": break_even,
+        "half": half,
     }
     result = figures[args.figure](args)
     text = json.dumps(result, indent=None if args.figure == "decode-one" else 2)

@@ -69,11 +69,21 @@ class SharedPrefixLayer(DynamicLayer):
         self.keys, self.values = keys, values
         self.shared = shared
         self.offset = offset
+        self.owner: SharedPrefixCache | None = None  # set by the cache that holds the layer
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens to the own part and return the own part only ([R, H, W, D])."""
+        """Append the new tokens to the own part and return the own part only ([R, H, W, D]).
+
+        Only inside the shared call it was built for: anywhere else the model's own attention
+        would read the own part without the shared prefix, so this raises instead.
+        """
+        if _ACTIVE.get() is not self.owner:
+            raise RuntimeError(
+                "a radixkv shared-prefix cache (e.g. `.past_key_values` of a cached generate) cannot be passed to "
+                "another call: its rows hold only their own tokens"
+            )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
@@ -119,6 +129,8 @@ class SharedPrefixCache(DynamicCache):
         suffix_valid: torch.Tensor,
     ) -> None:
         Cache.__init__(self, layers=list(layers))
+        for layer in layers:
+            layer.owner = self
         self.groups = groups
         self.row_group = row_group
         self.row_start = row_start

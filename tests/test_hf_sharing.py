@@ -19,6 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import radixkv.integrations.hf as hf  # noqa: E402
+from radixkv.integrations import _hf_shared_kv as shared_kv  # noqa: E402
 from radixkv.integrations._hf_share import BlockTrie, prefixes_to_compute, share_groups  # noqa: E402
 from radixkv.integrations._hf_shared_kv import ATTENTION_NAME, build_shared_past, shared_attention  # noqa: E402
 from test_hf_generate import FAMILIES, SLIDING, left_pad, model_for, no_locks, tokens  # noqa: E402
@@ -173,7 +174,11 @@ def test_merge_equals_attention_over_the_whole_row(queries: int) -> None:
         torch.randn(rows, heads, queries, dim, dtype=dtype),
         torch.randn(rows, heads, queries, dim, dtype=dtype),
     )
-    k_own, v_own = past.layers[0].update(new_k, new_v)
+    token = shared_kv._ACTIVE.set(past)  # what `shared_attention` sets for the call it serves
+    try:
+        k_own, v_own = past.layers[0].update(new_k, new_v)
+    finally:
+        shared_kv._ACTIVE.reset(token)
     q = torch.randn(rows, q_heads, queries, dim, dtype=dtype)
     out = past.attend(0, q, k_own, v_own, None)  # [R, n, Hq, D]
     assert out.shape == (rows, queries, q_heads, dim)
@@ -364,6 +369,20 @@ def test_a_direct_call_of_the_model_during_a_shared_call_gets_its_own_attention(
         worker.join()
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(seen[0], expect)
+
+
+def test_a_shared_cache_handed_back_to_generate_raises_instead_of_reading_half_a_row() -> None:
+    model = model_for("llama")
+    ids, mask = rag_batch()
+    cached = hf.wrap(model, capacity_tokens=4096, block_size=BLOCK)
+    run(model, cached, ids, mask)
+    ours = run(model, cached, ids, mask)[0]
+    past = ours.past_key_values
+    assert type(past).__name__ == "SharedPrefixCache"
+    longer = torch.cat([ours.sequences, ours.sequences[:, -1:]], dim=1)
+    longer_mask = torch.cat([mask, torch.ones_like(ours.sequences[:, mask.shape[1] :]), mask[:, -1:]], dim=1)
+    with pytest.raises(RuntimeError, match="cannot be passed to another call"):
+        model.generate(longer, attention_mask=longer_mask, past_key_values=past, max_new_tokens=1)
 
 
 def test_eight_threads_sending_shared_batches_stay_correct() -> None:
