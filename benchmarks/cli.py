@@ -5,6 +5,7 @@
     radixkv bench rag --model llama-100m --out results/rag
     radixkv bench trace --out results/trace
     radixkv plan --model llama-2-7b --memory 80GiB --context 4096
+    radixkv plan --model llama-2-7b --memory 80GiB --context 4096 --shared-prefix 3072
 
 Flags become one `BenchSettings` (model benches and the demo) or go to the trace sweep and the
 planner as they are. Bad arguments exit with status 2 and a message naming the argument. The
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", default="80GiB", help="memory budget, e.g. 80GiB, 24GB (default: 80GiB)")
     plan.add_argument("--context", type=int, default=4096, help="tokens per sequence (default: 4096)")
     plan.add_argument("--params", type=float, default=None, help="weight count override, e.g. 7e9")
+    plan.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=None,
+        help="tokens every sequence starts with, held once: adds the row of how many sequences then fit",
+    )
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
@@ -134,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "plan":
         from .plan import plan_report
 
-        flags = ("model", "dtype", "kv_dtype", "memory", "context", "params")
+        flags = ("model", "dtype", "kv_dtype", "memory", "context", "params", "shared_prefix")
         print(plan_report(**{name: getattr(args, name) for name in flags}, as_json=args.json))
     elif args.command == "demo":
         from .runner import run_demo
