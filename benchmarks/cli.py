@@ -3,6 +3,7 @@
     radixkv demo                          # SmolLM2: assistant, 4-turn chat and RAG, every method
     radixkv demo --model tiny             # the synthetic system-prompt workload on the tiny preset
     radixkv bench rag --model llama-100m --out results/rag
+    radixkv bench rag-batch --batch-size 8 --doc-tokens 512 --out results/rag-batch
     radixkv bench trace --out results/trace
     radixkv plan --model llama-2-7b --memory 80GiB --context 4096
     radixkv plan --model llama-2-7b --memory 80GiB --context 4096 --shared-prefix 3072
@@ -24,12 +25,14 @@ from pathlib import Path
 from radixkv import DEFAULT_EVICTION, POLICIES
 
 from . import trace
-from .methods import DEFAULT_METHODS, METHODS, BenchSettings
+from .methods import DEFAULT_BATCH_METHODS, DEFAULT_METHODS, METHODS, BenchSettings
 from .models import PRESETS, MissingDependency
-from .workloads import WORKLOADS
+from .workloads import RAG_BATCH_SMOKE, WORKLOADS, RagBatchParams
 
 
-def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+def _add_model_flags(
+    p: argparse.ArgumentParser, default_model: str = "tiny", methods: Sequence[str] = DEFAULT_METHODS
+) -> None:
     runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)
     p.add_argument(
         "--model",
@@ -55,9 +58,9 @@ def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") ->
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
+        default=",".join(methods),
         help=f"comma-separated subset of {','.join(METHODS)} "
-        f"(default: {','.join(DEFAULT_METHODS)}; generate is the token reference)",
+        f"(default: {','.join(methods)}; generate is the token reference)",
     )
     p.add_argument(
         "--threads",
@@ -104,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_flags(w)
         _add_params_flags(w, spec.params_cls)
         w.add_argument("--out", type=Path, default=Path("radixkv-results") / name, help="output directory")
+    rb = wl.add_parser(
+        "rag-batch",
+        help="questions in left-padded batches (one generate call each) over shared leading documents: "
+        "plain generate, radixkv and generate_batch on the same batches",
+    )
+    _add_model_flags(rb, methods=DEFAULT_BATCH_METHODS)
+    _add_params_flags(rb, RagBatchParams)
+    rb.add_argument("--out", type=Path, default=Path("radixkv-results") / "rag-batch", help="output directory")
     t = wl.add_parser("trace", help="replay the Mooncake trace through the cache alone: hit rate vs capacity")
     trace.add_sweep_flags(t)
 
@@ -149,6 +160,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_demo(_settings(args))
     elif args.workload == "trace":
         trace.run_trace_sweep(args)
+    elif args.workload == "rag-batch":
+        from .batched import run_rag_batch
+
+        fields = dataclasses.fields(RagBatchParams)
+        params = RAG_BATCH_SMOKE if args.smoke else RagBatchParams(**{f.name: getattr(args, f.name) for f in fields})
+        run_rag_batch(params, _settings(args))
     else:
         from .runner import run_model_bench
 
