@@ -250,7 +250,10 @@ def batch_to_json(result: BatchBenchResult) -> dict[str, Any]:
             "params": w.params,
             "requests": w.num_requests,
             "max_new_tokens": w.max_new_tokens,
-            "batches": [{"name": n, "rows": list(b)} for n, b in zip(w.batch_names, w.batches, strict=True)],
+            "batches": [
+                {"name": n, "rows": list(b), "distinct_prefix_tokens": f}
+                for n, b, f in zip(w.batch_names, w.batches, w.batch_floors, strict=True)
+            ],
             "notes": list(w.notes),
         },
         "model": result.model,
@@ -295,8 +298,8 @@ def format_batch_table(result: BatchBenchResult) -> str:
             f"| {r.hit_rate:.3f} | {_batch_same(o)} |"
         )
     w = result.workload
-    lines += ["", "| batch | rows | prompt tokens | " + " | ".join(o.name for o in ran) + " |"]
-    lines.append("|" + "---|" * (3 + len(ran)))
+    lines += ["", "| batch | rows | prompt tokens | fewest | " + " | ".join(o.name for o in ran) + " |"]
+    lines.append("|" + "---|" * (4 + len(ran)))
     for k, name in enumerate(w.batch_names):
         prompts = w.batch_prompts(k)
         cells = []
@@ -305,7 +308,7 @@ def format_batch_table(result: BatchBenchResult) -> str:
             b = o.run.batches[k]
             cells.append(f"{b.computed_tokens:,} / {b.prefill_positions:,}")
         total = sum(len(p) for _, p in prompts)
-        lines.append(f"| {name} | {len(prompts)} | {total:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(prompts)} | {total:,} | {w.batch_floors[k]:,} | " + " | ".join(cells) + " |")
     notes = []
     if ref is not None and ref.run is not None:
         notes.append(
@@ -317,7 +320,8 @@ def format_batch_table(result: BatchBenchResult) -> str:
     if verdict is not None:
         notes.append("all methods produced the same tokens" if verdict else "token mismatch: see the table")
     notes += [
-        "per batch: prompt tokens computed / prefill positions",
+        "per batch: prompt tokens computed / prefill positions; fewest = the batch's tokens that end a prefix "
+        "no earlier row had (what computing each distinct prefix once would leave)",
         "prefill positions = rows x columns the model embedded before a batch's first token, counted at its "
         "input embeddings, padding included (plain generate: rows x padded width; radixkv: rows x the columns "
         "it did not read from its cache); continuous batching packs requests unpadded: positions embedded "

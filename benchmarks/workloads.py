@@ -338,6 +338,7 @@ class RagBatchWorkload(Workload):
 
     batches: tuple[tuple[str, ...], ...] = ()
     batch_names: tuple[str, ...] = ()
+    batch_floors: tuple[int, ...] = ()  # per batch: its tokens ending a prefix no earlier row had
 
     def batch_prompts(self, k: int) -> list[tuple[str, Tokens]]:
         """(conversation id, prompt) of batch `k`'s rows, in order."""
@@ -394,7 +395,9 @@ def build_rag_batch(p: RagBatchParams, *, vocab_size: int, seed: int, block_size
             names.append(f"d{d}b{k // p.batch_size}")
     prompts = {c.id: c.turns[0] for c in convs}
     order = [prompts[cid] for batch in batches for cid in batch]
-    floor = sum(distinct_prefix_tokens(order))
+    new_per_row = iter(distinct_prefix_tokens(order))
+    floors = tuple(sum(next(new_per_row) for _ in batch) for batch in batches)
+    floor = sum(floors)
     total = sum(map(len, order))
     params = vars(p).copy()
     params["distinct_prefix_tokens"] = floor
@@ -412,6 +415,7 @@ def build_rag_batch(p: RagBatchParams, *, vocab_size: int, seed: int, block_size
         ),
         batches=tuple(batches),
         batch_names=tuple(names),
+        batch_floors=floors,
     )
 
 
