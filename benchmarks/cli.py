@@ -3,8 +3,10 @@
     radixkv demo                          # SmolLM2: assistant, 4-turn chat and RAG, every method
     radixkv demo --model tiny             # the synthetic system-prompt workload on the tiny preset
     radixkv bench rag --model llama-100m --out results/rag
+    radixkv bench rag-batch --batch-size 8 --doc-tokens 512 --out results/rag-batch
     radixkv bench trace --out results/trace
     radixkv plan --model llama-2-7b --memory 80GiB --context 4096
+    radixkv plan --model llama-2-7b --memory 80GiB --context 4096 --shared-prefix 3072
 
 Flags become one `BenchSettings` (model benches and the demo) or go to the trace sweep and the
 planner as they are. Bad arguments exit with status 2 and a message naming the argument. The
@@ -23,12 +25,14 @@ from pathlib import Path
 from radixkv import DEFAULT_EVICTION, POLICIES
 
 from . import trace
-from .methods import DEFAULT_METHODS, METHODS, BenchSettings
+from .methods import DEFAULT_BATCH_METHODS, DEFAULT_METHODS, METHODS, BenchSettings
 from .models import PRESETS, MissingDependency
-from .workloads import WORKLOADS
+from .workloads import RAG_BATCH_SMOKE, WORKLOADS, RagBatchParams
 
 
-def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+def _add_model_flags(
+    p: argparse.ArgumentParser, default_model: str = "tiny", methods: Sequence[str] = DEFAULT_METHODS
+) -> None:
     runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)
     p.add_argument(
         "--model",
@@ -54,9 +58,9 @@ def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny") ->
     p.add_argument("--seed", type=int, default=0, help="seed for weights and prompts (default: 0)")
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
+        default=",".join(methods),
         help=f"comma-separated subset of {','.join(METHODS)} "
-        f"(default: {','.join(DEFAULT_METHODS)}; generate is the token reference)",
+        f"(default: {','.join(methods)}; generate is the token reference)",
     )
     p.add_argument(
         "--threads",
@@ -103,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_flags(w)
         _add_params_flags(w, spec.params_cls)
         w.add_argument("--out", type=Path, default=Path("radixkv-results") / name, help="output directory")
+    rb = wl.add_parser(
+        "rag-batch",
+        help="questions in left-padded batches (one generate call each) over shared leading documents: "
+        "plain generate, radixkv and generate_batch on the same batches",
+    )
+    _add_model_flags(rb, methods=DEFAULT_BATCH_METHODS)
+    _add_params_flags(rb, RagBatchParams)
+    rb.add_argument("--out", type=Path, default=Path("radixkv-results") / "rag-batch", help="output directory")
     t = wl.add_parser("trace", help="replay the Mooncake trace through the cache alone: hit rate vs capacity")
     trace.add_sweep_flags(t)
 
@@ -113,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", default="80GiB", help="memory budget, e.g. 80GiB, 24GB (default: 80GiB)")
     plan.add_argument("--context", type=int, default=4096, help="tokens per sequence (default: 4096)")
     plan.add_argument("--params", type=float, default=None, help="weight count override, e.g. 7e9")
+    plan.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=None,
+        help="tokens every sequence starts with, held once: adds the row of how many sequences then fit",
+    )
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
@@ -134,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "plan":
         from .plan import plan_report
 
-        flags = ("model", "dtype", "kv_dtype", "memory", "context", "params")
+        flags = ("model", "dtype", "kv_dtype", "memory", "context", "params", "shared_prefix")
         print(plan_report(**{name: getattr(args, name) for name in flags}, as_json=args.json))
     elif args.command == "demo":
         from .runner import run_demo
@@ -142,6 +160,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_demo(_settings(args))
     elif args.workload == "trace":
         trace.run_trace_sweep(args)
+    elif args.workload == "rag-batch":
+        from .batched import run_rag_batch
+
+        fields = dataclasses.fields(RagBatchParams)
+        params = RAG_BATCH_SMOKE if args.smoke else RagBatchParams(**{f.name: getattr(args, f.name) for f in fields})
+        run_rag_batch(params, _settings(args))
     else:
         from .runner import run_model_bench
 

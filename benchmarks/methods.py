@@ -25,6 +25,8 @@ reason the table shows. `METHODS` is in table order; `generate`, first, is the t
 Sequential methods' TTFT comes from a streamer (`FirstTokenTimer`): `generate` puts the prompt,
 then each generated token, so the second `put` marks the first token; TTFT is that moment minus
 the call's start, including any lookup, KV gather and prefill (batch size 1 only).
+
+The `rag-batch` workload's methods send padded batches instead: `benchmarks.batched`.
 """
 
 from __future__ import annotations
@@ -396,7 +398,7 @@ def make_radixkv(
 
 
 @contextlib.contextmanager
-def _count_prefix_hits(hits: dict[str, int]) -> Iterator[bool]:
+def count_prefix_hits(hits: dict[str, int]) -> Iterator[bool]:
     """Record `search_prefix_match`'s result per request id into `hits` while active.
 
     Yields False (and counts nothing) when the transformers internals are not where expected.
@@ -424,24 +426,33 @@ def _count_prefix_hits(hits: dict[str, int]) -> Iterator[bool]:
         PagedAttentionCache.search_prefix_match = original  # type: ignore[method-assign]
 
 
-def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> MethodRun:
-    """Run the workload round by round through `generate_batch`; raises on failed requests."""
+def continuous_batching_config(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> Any:
+    """The `ContinuousBatchingConfig` the benches give `generate_batch`: pages of `block_size`,
+    block sharing on, and radixkv's `capacity_tokens` plus room for the whole workload in flight.
+    NotApplicable when this transformers version has no `generate_batch`."""
     if not hasattr(model, "generate_batch"):
         raise NotApplicable("this transformers version has no model.generate_batch")
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    # Its pool holds the requests in flight as well as the cached blocks; the sequential methods
-    # keep in-flight KV outside the cache. So: the cache budget + room for a whole round in flight
-    # (bounded by every conversation's turns and answers).
+    # Its pool holds the requests in flight as well as the cached blocks; the other methods keep
+    # in-flight KV outside the cache. So: the cache budget + room for a whole round or batch in
+    # flight (bounded by every conversation's turns and answers).
     in_flight = sum(sum(map(len, c.turns)) + len(c.turns) * workload.max_new_tokens for c in workload.conversations)
+    assert settings.capacity_tokens is not None
     num_pages = math.ceil((settings.capacity_tokens + in_flight) / settings.block_size)
     longest = max(len(c.turns[0]) for c in workload.conversations)
-    cb_config = ContinuousBatchingConfig(
+    return ContinuousBatchingConfig(
         page_size=settings.block_size,
         num_blocks=num_pages,
         max_batch_tokens=max(512, min(longest, 4096)),
         allow_block_sharing=True,
     )
+
+
+def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings: BenchSettings) -> MethodRun:
+    """Run the workload round by round through `generate_batch`; raises on failed requests."""
+    cb_config = continuous_batching_config(model, workload, settings)
+    num_pages = cb_config.num_blocks
     history: dict[str, Tokens] = {}
     results: list[RequestResult] = []
     hits: dict[str, int] = {}
@@ -450,7 +461,7 @@ def run_continuous_batching(model: PreTrainedModel, workload: Workload, settings
     level = cb_logger.level
     cb_logger.setLevel(logging.ERROR)  # it warns about the disabled EOS on every call
     try:
-        with _count_prefix_hits(hits) as counted:
+        with count_prefix_hits(hits) as counted:
             for r in range(workload.num_rounds):
                 requests = workload.round_requests(r, history)
                 start = perf_counter()
@@ -516,3 +527,5 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 DEFAULT_METHODS: tuple[str, ...] = tuple(name for name, spec in METHODS.items() if spec.default)
+DEFAULT_BATCH_METHODS: tuple[str, ...] = ("generate", "radixkv", "continuous-batching")
+"""The methods `radixkv bench rag-batch` runs by default (see `benchmarks.batched`)."""

@@ -8,11 +8,13 @@ from dataclasses import asdict, replace
 from radixkv.planner import (
     KVPlan,
     ModelShape,
+    SharedPrefixPlan,
     dtype_bytes,
     format_bytes,
     parse_bytes,
     plan_scenarios,
     quantized_bytes_per_token,
+    shared_prefix_plan,
 )
 
 from .models import model_shape
@@ -26,13 +28,20 @@ def plan_report(
     memory: str = "80GiB",
     context: int = 4096,
     params: float | None = None,
+    shared_prefix: int | None = None,
     as_json: bool = False,
 ) -> str:
     """The text (or JSON) `radixkv plan` prints for `model` (preset, config path or hub id).
 
-    `params` overrides the weight count (e.g. 7e9); `kv_dtype` defaults to `dtype`.
-    Raises ValueError naming the bad argument.
+    `params` overrides the weight count (e.g. 7e9); `kv_dtype` defaults to `dtype`;
+    `shared_prefix` (tokens) adds the row where every sequence's first `shared_prefix` tokens
+    are held once. Raises ValueError naming the bad argument.
     """
+    if shared_prefix is not None and not 0 <= shared_prefix < context:
+        raise ValueError(
+            f"--shared-prefix must be >= 0 and less than --context ({context:,}), got {shared_prefix:,}: "
+            "each sequence needs at least one token of its own"
+        )
     shape = model_shape(model)
     if params is not None:
         if params < 0:
@@ -46,13 +55,21 @@ def plan_report(
         context=context,
         memory_bytes=parse_bytes(memory),
     )
+    # The model as configured (plans[0]): the same model, dtype and kv_dtype as the first row.
+    shared = shared_prefix_plan(plans[0], shared_prefix) if shared_prefix is not None else None
     if as_json:
-        doc = {"model": asdict(shape), "dtype": dtype, "kv_dtype": kv_dtype, "plans": [asdict(p) for p in plans]}
+        doc = {
+            "model": asdict(shape),
+            "dtype": dtype,
+            "kv_dtype": kv_dtype,
+            "plans": [asdict(p) for p in plans],
+            "shared_prefix": asdict(shared) if shared is not None else None,
+        }
         return json.dumps(doc, indent=1)
-    return _text(shape, dtype, kv_dtype, plans)
+    return _text(shape, dtype, kv_dtype, plans, shared)
 
 
-def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan]) -> str:
+def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan], shared: SharedPrefixPlan | None) -> str:
     base = plans[0]
     gqa = ""
     if shape.num_attention_heads and shape.num_attention_heads != shape.num_kv_heads:
@@ -78,6 +95,21 @@ def _text(shape: ModelShape, dtype: str, kv_dtype: str, plans: list[KVPlan]) -> 
         lines.append(
             f"| {p.label} | {p.num_kv_heads} | {p.kv_bytes_per_element:g} | {p.bytes_per_token:,} "
             f"| {format_bytes(p.bytes_per_sequence)} | {p.max_tokens:,} | {p.max_sequences:,} |"
+        )
+    if shared is not None:
+        lines.append(
+            f"| as configured, first {shared.shared_prefix:,} tokens held once | {base.num_kv_heads} "
+            f"| {base.kv_bytes_per_element:g} | {base.bytes_per_token:,} "
+            f"| {format_bytes(shared.private_bytes_per_sequence)} + {format_bytes(shared.shared_bytes)} once "
+            f"| {base.max_tokens:,} | {shared.max_sequences_shared:,} |"
+        )
+    if shared is not None:
+        lines.append("")
+        lines.append(
+            f"shared prefix: {shared.shared_prefix:,} of the {base.context:,} tokens are the same in every sequence; "
+            f"held once, n sequences take {shared.shared_prefix:,} + n x {base.context - shared.shared_prefix:,} "
+            f"tokens of KV instead of n x {base.context:,}: {shared.max_sequences_shared:,} sequences fit "
+            f"instead of {shared.max_sequences_unshared:,}."
         )
     if len(plans) > 1:
         lines.append("")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .batched import BatchBenchResult, BatchOutcome
     from .runner import BenchResult, MethodOutcome
 
 # method -> (label in the table, colour in the plots)
@@ -194,6 +195,195 @@ def plot_methods(result: BenchResult, path: Path) -> Path:
     m = result.model
     fig.suptitle(
         f"{result.workload.name}: {result.workload.num_requests} requests, model {m.get('name')} "
+        f"on {m.get('device')} ({result.machine.get('cpu_count')} CPU cores, "
+        f"{result.machine.get('torch_threads')} torch threads)"
+    )
+    return _save(fig, path)
+
+
+# ----- the batched workload (rag-batch) ---------------------------------------------------------------
+
+
+def _batch_method_json(o: BatchOutcome, reference_s: float | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": o.name, "status": o.status, "reason": o.reason or None}
+    if o.run is None:
+        return row
+    run = o.run
+    row.update(
+        total_s=run.total_s,
+        time_vs_reference=run.total_s / reference_s if reference_s else None,
+        prompt_tokens=run.prompt_tokens,
+        prefill_positions=run.prefill_positions,
+        computed_tokens=run.computed_tokens,
+        reused_tokens=run.reused_tokens,
+        hit_rate=run.hit_rate,
+        same_tokens=o.same_tokens,
+        mismatched_rows=o.mismatches,
+        extra=run.extra,
+        per_batch=[
+            {
+                "name": b.name,
+                "rows": len(b.keys),
+                "width": b.width,
+                "wall_s": b.wall_s,
+                "ttft_s": b.ttft_s,
+                "prompt_tokens": b.prompt_tokens,
+                "prefill_positions": b.prefill_positions,
+                "computed_tokens": b.computed_tokens,
+                "reused_tokens": b.reused_tokens,
+                "generated": {k: list(g) for k, g in zip(b.keys, b.generated, strict=True)},
+            }
+            for b in run.batches
+        ],
+    )
+    return row
+
+
+def batch_to_json(result: BatchBenchResult) -> dict[str, Any]:
+    """The results.json document of a batched run (plain JSON types only; NaN written as null)."""
+    w = result.workload
+    ref = result.reference
+    reference_s = ref.run.total_s if ref is not None and ref.run is not None else None
+    doc = {
+        "workload": {
+            "name": w.name,
+            "params": w.params,
+            "requests": w.num_requests,
+            "max_new_tokens": w.max_new_tokens,
+            "batches": [
+                {"name": n, "rows": list(b), "distinct_prefix_tokens": f}
+                for n, b, f in zip(w.batch_names, w.batches, w.batch_floors, strict=True)
+            ],
+            "notes": list(w.notes),
+        },
+        "model": result.model,
+        "settings": result.settings.cache_fields(),
+        "machine": result.machine,
+        "reference": ref.name if ref is not None else None,
+        "all_same_tokens": result.all_same_tokens,
+        "methods": [_batch_method_json(o, reference_s) for o in result.outcomes],
+    }
+    return _clean(doc)
+
+
+def _batch_same(o: BatchOutcome) -> str:
+    if o.same_tokens is None:
+        return "reference"
+    if o.same_tokens:
+        return "yes"
+    rows = sum(len(b.keys) for b in o.run.batches) if o.run else "?"
+    return f"no ({len(o.mismatches)} of {rows} rows differ)"
+
+
+def format_batch_table(result: BatchBenchResult) -> str:
+    """Two markdown tables (per method, then per batch: prompt tokens computed / prefill positions
+    per method) and the notes saying how each figure is counted."""
+    ran = [o for o in result.outcomes if o.run is not None]
+    ref = result.reference
+    reference_s = ref.run.total_s if ref is not None and ref.run is not None else None
+    lines = [
+        "| method | total (s) | time / reference | prefill positions | prompt tokens computed | token hit rate "
+        "| same tokens |",
+        "|" + "---|" * 7,
+    ]
+    for o in result.outcomes:
+        label = _STYLE.get(o.name, (o.name,))[0]
+        if o.run is None:
+            lines.append(f"| {label} | {o.status}: {o.reason} | | | | | |")
+            continue
+        r = o.run
+        ratio = f"{r.total_s / reference_s:.2f}" if reference_s else "n/a"
+        lines.append(
+            f"| {label} | {r.total_s:,.2f} | {ratio} | {r.prefill_positions:,} | {r.computed_tokens:,} "
+            f"| {r.hit_rate:.3f} | {_batch_same(o)} |"
+        )
+    w = result.workload
+    lines += ["", "| batch | rows | prompt tokens | fewest | " + " | ".join(o.name for o in ran) + " |"]
+    lines.append("|" + "---|" * (4 + len(ran)))
+    for k, name in enumerate(w.batch_names):
+        prompts = w.batch_prompts(k)
+        cells = []
+        for o in ran:
+            assert o.run is not None
+            b = o.run.batches[k]
+            cells.append(f"{b.computed_tokens:,} / {b.prefill_positions:,}")
+        total = sum(len(p) for _, p in prompts)
+        lines.append(f"| {name} | {len(prompts)} | {total:,} | {w.batch_floors[k]:,} | " + " | ".join(cells) + " |")
+    notes = []
+    if ref is not None and ref.run is not None:
+        notes.append(
+            f"{w.num_requests} rows in {len(w.batches)} batches, {ref.run.prompt_tokens:,} prompt tokens, "
+            f"{w.max_new_tokens} new tokens each (greedy); the reference is {ref.name}"
+        )
+    notes.extend(w.notes)
+    verdict = result.all_same_tokens
+    if verdict is not None:
+        notes.append("all methods produced the same tokens" if verdict else "token mismatch: see the table")
+    notes += [
+        "per batch: prompt tokens computed / prefill positions; fewest = the batch's tokens that end a prefix "
+        "no earlier row had (what computing each distinct prefix once would leave)",
+        "prefill positions = rows x columns the model embedded before a batch's first token, counted at its "
+        "input embeddings, padding included (plain generate: rows x padded width; radixkv: rows x the columns "
+        "it did not read from its cache); continuous batching packs requests unpadded: positions embedded "
+        "during its call minus one per generated token after a request's first",
+        "prompt tokens computed = real prompt tokens - tokens read from a cache (radixkv: cached.stats."
+        "reused_tokens; continuous batching: its prefix-match hits); hit rate = read / prompt tokens",
+        "total = wall time of the method's generate calls; generate and radixkv interleaved batch by batch, "
+        "continuous batching run alone before them; time / reference = total / the reference's total",
+    ]
+    s = result.settings
+    notes.append(
+        f"cache: {s.capacity_tokens:,} tokens, block {s.block_size}, eviction {s.eviction}; "
+        f"model {result.model.get('name')} ({result.model.get('params', 0):,} params, "
+        f"{result.model.get('dtype')}, {result.model.get('device')}, "
+        f"{result.machine.get('torch_threads')} torch threads, {result.machine.get('cpu_count')} CPU cores)"
+    )
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def plot_batch_methods(result: BatchBenchResult, path: Path) -> Path:
+    """Total time and prefill positions per method (the distinct-prefix floor dashed), and prompt
+    tokens computed per batch, one line per method; writes `path`."""
+    plt = _pyplot()
+    ran = [o for o in result.outcomes if o.run is not None]
+    names = [o.name for o in ran]
+    colours = [_STYLE.get(n, ("", "#777777"))[1] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (title, values) in zip(
+        axes[:2],
+        (
+            ("total time (s)", [o.run.total_s for o in ran if o.run]),
+            ("prefill positions (rows x columns)", [o.run.prefill_positions for o in ran if o.run]),
+        ),
+        strict=True,
+    ):
+        bars = ax.bar(names, values, color=colours)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) > 20 * min(positive):  # e.g. a manager's start-up beside generate calls
+            ax.set_yscale("log")
+            ax.set_title(title + ", log scale")
+    floor = result.workload.params.get("distinct_prefix_tokens")
+    if floor is not None:
+        axes[1].axhline(floor, color="black", linestyle="--", linewidth=1, label="fewest: each distinct prefix once")
+        axes[1].legend(fontsize=8)
+    w = result.workload
+    ax = axes[2]
+    # Grouped bars, not lines: methods with equal figures would hide each other.
+    step = 0.8 / max(1, len(ran))
+    for i, (o, colour) in enumerate(zip(ran, colours, strict=True)):
+        assert o.run is not None
+        xs = [k + (i - (len(ran) - 1) / 2) * step for k in range(len(w.batch_names))]
+        ax.bar(xs, [b.computed_tokens for b in o.run.batches], width=step, color=colour, label=o.name)
+    ax.set_xticks(range(len(w.batch_names)), w.batch_names)
+    ax.set_title("prompt tokens computed per batch")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.legend(fontsize=8)
+    m = result.model
+    fig.suptitle(
+        f"{w.name}: {w.num_requests} rows in {len(w.batches)} padded batches, model {m.get('name')} "
         f"on {m.get('device')} ({result.machine.get('cpu_count')} CPU cores, "
         f"{result.machine.get('torch_threads')} torch threads)"
     )

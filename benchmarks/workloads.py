@@ -18,6 +18,12 @@ Synthetic workloads (random token ids, any model; `WORKLOADS` names them for `ra
   same order; the workload also records the share of tokens a position-independent cache could reuse.
 - `multi-turn`: `conversations` x `rounds` sharing one system prompt; each round resends the whole
   history (prompts and the method's answers) + a new turn: a cache hits it only if it stored answers.
+- `rag-batch` (`RagBatchWorkload`, run by `benchmarks.batched`, not by the per-request methods):
+  `questions` over each of `docs` documents, sent `batch_size` at a time as one left-padded
+  `generate` call; a question is its leading document + a question, or (one in
+  `second_doc_every`) the leading document + another + a question, so rows share only their
+  leading document. A document's first batch can share it inside the batch only; its later
+  batches also find it in a prefix cache.
 
 Chat workloads on a real model (`radixkv demo`) render the tokenizer's chat template over the
 texts in ``benchmarks/texts/``: `assistant` (a ~1,000-token help-desk system prompt, one request per
@@ -295,6 +301,126 @@ def build_multi_turn(p: MultiTurnParams, *, vocab_size: int, seed: int, block_si
         for c in range(p.conversations)
     )
     return Workload(name="multi-turn", conversations=convs, max_new_tokens=p.new_tokens, params=vars(p).copy())
+
+
+@dataclass(frozen=True)
+class RagBatchParams:
+    """Sizes of the rag-batch workload (tokens and counts)."""
+
+    docs: int = field(default=2, metadata={"help": "documents; each leads the prompts of its own batches"})
+    questions: int = field(default=8, metadata={"help": "questions over each leading document"})
+    batch_size: int = field(default=4, metadata={"help": "rows per generate call (a document's last may be smaller)"})
+    doc_tokens: int = field(default=256, metadata={"help": "length of each document"})
+    question_tokens: int = field(default=16, metadata={"help": "random question length"})
+    second_doc_every: int = field(
+        default=2, metadata={"help": "every Nth question also has a second document after the leading one (0: none)"}
+    )
+    new_tokens: int = field(default=8, metadata={"help": "tokens generated per row"})
+
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the flag of a size out of range (before any model is loaded)."""
+        sizes = (("docs", self.docs), ("questions", self.questions), ("batch-size", self.batch_size),
+                 ("doc-tokens", self.doc_tokens), ("question-tokens", self.question_tokens),
+                 ("new-tokens", self.new_tokens))  # fmt: skip
+        for flag, value in sizes:
+            if value <= 0:
+                raise ValueError(f"--{flag} must be positive, got {value}")
+        if self.second_doc_every < 0:
+            raise ValueError(f"--second-doc-every must be >= 0, got {self.second_doc_every}")
+        if self.second_doc_every and self.docs < 2:
+            raise ValueError(f"--second-doc-every {self.second_doc_every} needs --docs >= 2, got {self.docs}")
+
+
+@dataclass(frozen=True)
+class RagBatchWorkload(Workload):
+    """A `Workload` sent in padded batches: `batches[k]` names the conversations (one prompt each)
+    of the k-th generate call, in row order; `batch_names[k]` labels it in the results."""
+
+    batches: tuple[tuple[str, ...], ...] = ()
+    batch_names: tuple[str, ...] = ()
+    batch_floors: tuple[int, ...] = ()  # per batch: its tokens ending a prefix no earlier row had
+
+    def batch_prompts(self, k: int) -> list[tuple[str, Tokens]]:
+        """(conversation id, prompt) of batch `k`'s rows, in order."""
+        prompts = {c.id: c.turns[0] for c in self.conversations}
+        return [(cid, prompts[cid]) for cid in self.batches[k]]
+
+
+def distinct_prefix_tokens(prompts: Iterable[Sequence[int]]) -> list[int]:
+    """For each prompt in order, how many of its tokens end a prefix no earlier prompt had (nor it before).
+
+    Their sum is the fewest prompt tokens a method computing every distinct prefix once could
+    compute (token granularity, unlimited memory, each batch's common prefixes shared too);
+    a whole-block cache computes at least this. Cost: O(total tokens).
+    """
+    root: dict[int, dict] = {}
+    out = []
+    for prompt in prompts:
+        node, new = root, 0
+        for t in prompt:
+            if t not in node:
+                node[t] = {}
+                new += 1
+            node = node[t]
+        out.append(new)
+    return out
+
+
+def build_rag_batch(p: RagBatchParams, *, vocab_size: int, seed: int, block_size: int) -> RagBatchWorkload:
+    """Draw the documents and questions (seeded) and cut each document's questions into batches.
+
+    Question j over leading document d is ``doc_d + q`` or, when ``(j + 1) % second_doc_every == 0``,
+    ``doc_d + doc_e + q`` with e a random other document: rows of a batch share their leading
+    document only, and rows with a second document are longer (left padding). Batches run
+    document by document, so a document's second batch finds it in a prefix cache.
+    """
+    del block_size  # the bound is computed at token granularity
+    rng = random.Random(seed)
+    draw = _drawer(rng, vocab_size)
+    pool = [draw(p.doc_tokens) for _ in range(p.docs)]
+    convs: list[Conversation] = []
+    batches: list[tuple[str, ...]] = []
+    names: list[str] = []
+    for d in range(p.docs):
+        rows: list[str] = []
+        for j in range(p.questions):
+            docs = [d]
+            if p.second_doc_every and (j + 1) % p.second_doc_every == 0:
+                docs.append(rng.choice([e for e in range(p.docs) if e != d]))
+            cid = f"d{d}q{j}[{','.join(map(str, docs))}]"
+            convs.append(Conversation(cid, (sum((pool[e] for e in docs), ()) + draw(p.question_tokens),)))
+            rows.append(cid)
+        for k in range(0, p.questions, p.batch_size):
+            batches.append(tuple(rows[k : k + p.batch_size]))
+            names.append(f"d{d}b{k // p.batch_size}")
+    prompts = {c.id: c.turns[0] for c in convs}
+    order = [prompts[cid] for batch in batches for cid in batch]
+    new_per_row = iter(distinct_prefix_tokens(order))
+    floors = tuple(sum(next(new_per_row) for _ in batch) for batch in batches)
+    floor = sum(floors)
+    total = sum(map(len, order))
+    params = vars(p).copy()
+    params["distinct_prefix_tokens"] = floor
+    return RagBatchWorkload(
+        name="rag-batch",
+        conversations=tuple(convs),
+        max_new_tokens=p.new_tokens,
+        params=params,
+        notes=(
+            f"{len(batches)} padded batches of up to {p.batch_size} rows (left padding), {len(convs)} questions; "
+            "rows of a batch share their leading document; "
+            + (f"one question in {p.second_doc_every} adds a second" if p.second_doc_every else "one document each"),
+            f"fewest prompt tokens any method could compute, every distinct prefix once (token granularity, "
+            f"in-batch sharing, unlimited memory): {floor:,} of {total:,}",
+        ),
+        batches=tuple(batches),
+        batch_names=tuple(names),
+        batch_floors=floors,
+    )
+
+
+RAG_BATCH_SMOKE = RagBatchParams(docs=2, questions=4, batch_size=2, doc_tokens=48, question_tokens=8, new_tokens=4)
+"""A rag-batch size that runs in seconds on the tiny preset (tests): 4 batches of 2 rows."""
 
 
 @dataclass(frozen=True)

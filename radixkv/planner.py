@@ -12,6 +12,10 @@ Examples (checked in tests/test_plan.py against published figures):
   ~262 GB for 100,000 tokens; with 8 KV heads (GQA, as Llama-2-70B has) 8x less:
   327,680 B per token, ~43 GB for 131,072 (128K) tokens.
 
+A prefix every sequence starts with (a system prompt, a document a batch of questions share) can
+be held once: n sequences of C tokens whose first P are shared take P + n x (C - P) tokens of KV
+instead of n x C (`shared_prefix_plan`).
+
 Units: "GB"/"MB" are decimal (10**9, 10**6), "GiB"/"MiB" binary (2**30, 2**20); `parse_bytes`
 accepts both and `format_bytes` prints both, so nobody has to guess which one a figure uses.
 """
@@ -27,6 +31,7 @@ __all__ = [
     "KVPlan",
     "ModelShape",
     "Scenario",
+    "SharedPrefixPlan",
     "dtype_bytes",
     "format_bytes",
     "kv_bytes_per_token",
@@ -35,6 +40,7 @@ __all__ = [
     "plan_scenarios",
     "quantized_bytes_per_token",
     "scenarios",
+    "shared_prefix_plan",
 ]
 
 DTYPE_BYTES: dict[str, float] = {
@@ -270,3 +276,53 @@ def plan_scenarios(
         )
         for s in scenarios(shape, kv_elem)
     ]
+
+
+@dataclass(frozen=True)
+class SharedPrefixPlan:
+    """How many sequences of `context` tokens fit when their first `shared_prefix` tokens are the
+    same in every sequence and their KV is held once, against one copy per sequence.
+
+    Held once, n sequences take ``shared_prefix + n x (context - shared_prefix)`` tokens of KV; per
+    sequence, ``n x context``. `max_sequences_shared` >= `max_sequences_unshared`, equal when
+    `shared_prefix` is 0 or when not even one sequence fits (one sequence costs `context` tokens either way).
+    """
+
+    shared_prefix: int
+    context: int
+    bytes_per_token: int
+    kv_budget_bytes: int
+    shared_bytes: int
+    private_bytes_per_sequence: int
+    max_sequences_unshared: int
+    max_sequences_shared: int
+
+
+def shared_prefix_plan(base: KVPlan, shared_prefix: int) -> SharedPrefixPlan:
+    """The shared-prefix figures for the model, cache dtype, context and budget of `base` (a `plan`).
+
+    Raises ValueError naming `shared_prefix` unless 0 <= shared_prefix < base.context (every
+    sequence keeps at least one token of its own, so the per-sequence cost is never 0).
+    """
+    if not isinstance(shared_prefix, int) or isinstance(shared_prefix, bool) or shared_prefix < 0:
+        raise ValueError(f"shared_prefix must be an int >= 0, got {shared_prefix!r}")
+    if shared_prefix >= base.context:
+        raise ValueError(
+            f"shared_prefix ({shared_prefix:,}) must be less than context ({base.context:,}): "
+            "each sequence needs at least one token of its own"
+        )
+    shared = shared_prefix * base.bytes_per_token
+    private = (base.context - shared_prefix) * base.bytes_per_token
+    budget = base.kv_budget_bytes
+    # The one shared copy is paid first; with less than that, nothing fits (0, not a negative count).
+    fit = (budget - shared) // private if budget >= shared else 0
+    return SharedPrefixPlan(
+        shared_prefix=shared_prefix,
+        context=base.context,
+        bytes_per_token=base.bytes_per_token,
+        kv_budget_bytes=budget,
+        shared_bytes=shared,
+        private_bytes_per_sequence=private,
+        max_sequences_unshared=base.max_sequences,
+        max_sequences_shared=fit,
+    )

@@ -8,6 +8,7 @@ import pytest
 from radixkv.benchmarks.cli import main
 
 from radixkv.planner import (
+    KVPlan,
     ModelShape,
     dtype_bytes,
     format_bytes,
@@ -16,6 +17,7 @@ from radixkv.planner import (
     plan,
     plan_scenarios,
     quantized_bytes_per_token,
+    shared_prefix_plan,
 )
 
 GiB = 2**30
@@ -76,6 +78,65 @@ def test_scenarios_int8_halves_fp16_and_gqa_only_when_more_than_8_heads() -> Non
     assert [p.label for p in gqa] == ["as configured", "int8 KV cache", "int4 KV cache", "without GQA (64 KV heads)"]
     assert gqa[3].bytes_per_token == 2_621_440 == 8 * gqa[0].bytes_per_token
     assert gqa[2].bytes_per_token * 4 == gqa[0].bytes_per_token  # int4: a quarter of float16
+
+
+def _seven_b(context: int = 4096, memory: int = 80 * GiB) -> KVPlan:
+    """Llama-2-7B's shape and weight count, float16, planned at `context` within `memory` bytes."""
+    shape = ModelShape("7b", 32, 32, 128, num_attention_heads=32, num_params=6_738_415_616)
+    return plan(shape, weight_bytes_per_element=2, context=context, memory_bytes=memory)
+
+
+def test_shared_prefix_holds_the_prefix_once() -> None:
+    """Llama-2-7B float16, 4,096-token sequences whose first 3,072 are shared: one copy of 3,072 tokens
+    (1.5 GiB) + 1,024 tokens (0.5 GiB) per sequence; 33 sequences fit unshared, 131 shared."""
+    base = _seven_b()
+    s = shared_prefix_plan(base, 3072)
+    assert s.shared_bytes == 3072 * 524_288 == 3 * GiB // 2
+    assert s.private_bytes_per_sequence == 1024 * 524_288 == GiB // 2
+    assert s.max_sequences_unshared == base.max_sequences == 33
+    assert s.max_sequences_shared == (base.kv_budget_bytes - 3 * GiB // 2) // (GiB // 2) == 131
+    # The shared count is the largest n with P + n x (C - P) tokens inside the budget.
+    n = s.max_sequences_shared
+    assert s.shared_bytes + n * s.private_bytes_per_sequence <= base.kv_budget_bytes
+    assert s.shared_bytes + (n + 1) * s.private_bytes_per_sequence > base.kv_budget_bytes
+
+
+@pytest.mark.parametrize("context", [1, 7, 4096])
+def test_shared_prefix_zero_changes_nothing(context: int) -> None:
+    """P = 0: every token is per sequence, so as many sequences fit as without sharing."""
+    base = _seven_b(context=context)
+    s = shared_prefix_plan(base, 0)
+    assert s.shared_bytes == 0
+    assert s.private_bytes_per_sequence == base.bytes_per_sequence
+    assert s.max_sequences_shared == s.max_sequences_unshared == base.max_sequences
+
+
+@pytest.mark.parametrize("prefix", [1, 1000, 4000, 4095])
+def test_shared_prefix_never_fits_fewer_and_one_sequence_costs_the_same(prefix: int) -> None:
+    """Sharing fits at least as many sequences; with room for exactly one sequence, sharing fits one too."""
+    base = _seven_b()
+    assert shared_prefix_plan(base, prefix).max_sequences_shared >= base.max_sequences
+    one = _seven_b(memory=base.weight_bytes + base.bytes_per_sequence)  # room for one whole sequence, not two
+    assert one.max_sequences == 1
+    assert shared_prefix_plan(one, prefix).max_sequences_shared == 1
+
+
+def test_shared_prefix_larger_than_the_budget_fits_nothing() -> None:
+    """A budget below the one shared copy fits 0 sequences (not a negative count); so does weights > memory."""
+    base = _seven_b(memory=6_738_415_616 * 2 + 100 * 524_288)  # 100 tokens of KV after the weights
+    assert shared_prefix_plan(base, 101).max_sequences_shared == 0  # the shared copy alone is over budget
+    assert shared_prefix_plan(base, 99).max_sequences_shared == 0  # 99 + 3,997 per sequence > 100
+    broke = _seven_b(memory=GiB)
+    assert broke.kv_budget_bytes == 0 and shared_prefix_plan(broke, 2048).max_sequences_shared == 0
+
+
+@pytest.mark.parametrize(("prefix", "needle"), [(4096, "less than context"), (5000, "less than context"),
+                                               (-1, ">= 0"), (1.5, ">= 0")])  # fmt: skip
+def test_shared_prefix_out_of_range_raises_naming_it(prefix: float, needle: str) -> None:
+    """P >= context (no token left per sequence), negative or not an int: ValueError naming shared_prefix."""
+    with pytest.raises(ValueError, match="shared_prefix") as exc:
+        shared_prefix_plan(_seven_b(), prefix)  # type: ignore[arg-type]
+    assert needle in str(exc.value)
 
 
 def test_quantized_bytes_per_token_equals_the_real_pools() -> None:
@@ -166,3 +227,34 @@ def test_plan_command_unknown_model_lists_presets(capsys: pytest.CaptureFixture[
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--model 'no-such-model'" in err and "llama-2-7b" in err and "tiny" in err
+
+
+def test_plan_command_shared_prefix_row_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """--shared-prefix adds a row (and a line) with the shared count, and the JSON carries the same figures;
+    without the flag the JSON says null and the text has no such row."""
+    argv = ["plan", "--model", "llama-2-7b", "--memory", "80GiB", "--context", "4096"]
+    assert main([*argv, "--shared-prefix", "3072"]) == 0
+    out = capsys.readouterr().out
+    assert "| as configured, first 3,072 tokens held once | 32 | 2 | 524,288 |" in out
+    assert "536.87 MB (512.00 MiB) + 1.61 GB (1.50 GiB) once" in out
+    assert "131 sequences fit instead of 33." in out
+    assert main([*argv, "--shared-prefix", "3072", "--kv-dtype", "int8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    s = doc["shared_prefix"]
+    assert s["bytes_per_token"] == doc["plans"][0]["bytes_per_token"] == 262_144  # the same kv_dtype as row 1
+    assert s["max_sequences_unshared"] == doc["plans"][0]["max_sequences"]
+    assert s["max_sequences_shared"] == (s["kv_budget_bytes"] - 3072 * 262_144) // (1024 * 262_144)
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shared_prefix"] is None
+    assert main(argv) == 0
+    assert "held once" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prefix", ["4096", "9999", "-5"])
+def test_plan_command_bad_shared_prefix_exits_2_naming_it(prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--shared-prefix >= --context or negative: exit 2 naming --shared-prefix and the context."""
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "llama-2-7b", "--context", "4096", f"--shared-prefix={prefix}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shared-prefix" in err and "--context (4,096)" in err
