@@ -3,8 +3,10 @@
 Methods, side by side on one model, the same batches and greedy settings:
 
 - `generate`: plain `model.generate` on each padded batch (the token reference).
-- `radixkv`, `radixkv-reuse-generated`: `radixkv.wrap(model, ...)`, `cached.generate` on the same
-  padded batches (default `reuse_generated`, and True).
+- `radixkv`, `radixkv-reuse-generated`, `radixkv-private`: `radixkv.wrap(model, ...)`,
+  `cached.generate` on the same padded batches (the defaults; `reuse_generated=True`;
+  `share_prefixes=False`, every row computing and holding its own copy of a shared prefix, as
+  before sharing inside a call).
 - `continuous-batching`: transformers' `generate_batch` with block sharing, one call per batch
   (its requests packed, no padding), the manager kept across batches; sized as in the per-request
   benches (`methods.continuous_batching_config`).
@@ -20,7 +22,8 @@ other benches. Per batch and method the bench records:
   batching packs its requests without padding and mixes prefill and decode steps: its figure is
   the positions embedded during the call minus one per generated token after a request's first.
 - prompt tokens computed: real prompt tokens (padding excluded) minus those read from a cache:
-  radixkv's `cached.stats.reused_tokens` (before and after the call), continuous batching's
+  radixkv's `cached.stats.reused_tokens` less its `computed_once_tokens` (prefixes it computed
+  once for several rows of the batch; before and after the call), continuous batching's
   prefix-match hits; plain `generate` computes them all. Hit rate = reused / prompt tokens.
 - wall time of the call, and for the padded methods the time to the batch's first token.
 """
@@ -266,6 +269,7 @@ def make_radixkv(
     counter: PositionCounter,
     *,
     reuse_generated: bool | None = None,
+    share_prefixes: bool | None = None,
     name: str = "radixkv",
 ) -> PaddedMethod:
     """`radixkv.wrap(model, ...)` on the same padded batches; reuse read from `cached.stats.reused_tokens`."""
@@ -277,6 +281,7 @@ def make_radixkv(
         block_size=settings.block_size,
         eviction=settings.eviction,
         reuse_generated=reuse_generated,
+        share_prefixes=share_prefixes,
     )
     cache = cached.cache
 
@@ -288,7 +293,11 @@ def make_radixkv(
         return {"cache_stats": dataclasses.asdict(cache.stats), "reuse_generated": cached.reuse_generated}
 
     def serve(k: int) -> BatchResult:
-        return _serve_padded(cached.generate, model, workload, k, counter, lambda: cached.stats.reused_tokens)
+        def read_from_cache() -> int:
+            stats = cached.stats
+            return stats.reused_tokens - stats.computed_once_tokens
+
+        return _serve_padded(cached.generate, model, workload, k, counter, read_from_cache)
 
     return PaddedMethod(name, serve, finish)
 
@@ -357,6 +366,7 @@ PADDED: dict[str, Callable[..., PaddedMethod]] = {
     "generate": make_generate,
     "radixkv": make_radixkv,
     "radixkv-reuse-generated": functools.partial(make_radixkv, reuse_generated=True, name="radixkv-reuse-generated"),
+    "radixkv-private": functools.partial(make_radixkv, share_prefixes=False, name="radixkv-private"),
 }
 ALONE: dict[str, Callable[..., BatchRun]] = {"continuous-batching": run_continuous_batching}
 

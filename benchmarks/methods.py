@@ -14,6 +14,8 @@ reason the table shows. `METHODS` is in table order; `generate`, first, is the t
 - `radixkv`, `radixkv-reuse-generated`: the model wrapped by `radixkv.wrap`, with the default
   `reuse_generated` and with True (they differ in half precision only); the prompt tokens read
   from the cache come from the adapter's statistics before and after each request.
+  `radixkv-private`: `share_prefixes=False` (rows, beams and samples of one call each compute and
+  hold their own copy of a shared prefix; the same as `radixkv` for one-row requests).
 - `continuous-batching`: transformers' `model.generate_batch` with block sharing, one call per
   round holding every conversation's request, the manager kept across rounds. Its paged cache
   (pages of `block_size`, `allow_block_sharing=True`) gets radixkv's `capacity_tokens` plus room
@@ -367,6 +369,7 @@ def make_radixkv(
     settings: BenchSettings,
     *,
     reuse_generated: bool | None = None,
+    share_prefixes: bool | None = None,
     name: str = "radixkv",
 ) -> SequentialMethod:
     """Serve the workload through `radixkv.wrap(model, ...)`; the prompt tokens a request reused are
@@ -378,6 +381,7 @@ def make_radixkv(
         capacity_tokens=settings.capacity_tokens,
         block_size=settings.block_size,
         eviction=settings.eviction,
+        share_prefixes=share_prefixes,
         reuse_generated=reuse_generated,
     )
     cache = wrapped.cache
@@ -522,6 +526,11 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "radixkv-reuse-generated",
             functools.partial(make_radixkv, reuse_generated=True, name="radixkv-reuse-generated"),
+            default=False,
+        ),
+        MethodSpec(
+            "radixkv-private",
+            functools.partial(make_radixkv, share_prefixes=False, name="radixkv-private"),
             default=False,
         ),
     )

@@ -22,6 +22,7 @@ _STYLE = {
     "continuous-batching": ("continuous batching (generate_batch)", "#4c72b0"),
     "radixkv": ("radixkv", "#2a9d54"),
     "radixkv-reuse-generated": ("radixkv, reuse_generated=True", "#8fd19e"),
+    "radixkv-private": ("radixkv, share_prefixes=False", "#b5e3c4"),
 }
 
 

@@ -5,6 +5,7 @@
     python -m radixkv.benchmarks.sharing beams                 # num_beams=4 over a 2,048-token prompt
     python -m radixkv.benchmarks.sharing break-even            # decode step time by prefix and rows
     python -m radixkv.benchmarks.sharing half                  # SmolLM2 bfloat16: outputs vs plain
+    python -m radixkv.benchmarks.sharing rates --device cuda   # gather / insert GB/s vs a device copy
 
 Every figure runs plain `model.generate` and the cached model on the same batch in the same
 process (except `decode`'s memory, which takes a fresh process per method) and checks that the
@@ -332,6 +333,61 @@ def half(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "dtype": args.dtype, "rows": args.rows, "prompt_width": ids.shape[1], "table": table}
 
 
+def rates(args: argparse.Namespace) -> dict[str, Any]:
+    """The pool's gather and insert in GB/s beside a plain copy of the same bytes on the device
+    (SmolLM2's KV shape: 30 layers, 3 KV heads of 64), each timed to the end of its queued work."""
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    spec = radixkv.KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    kv = [tuple(torch.randn(1, 3, args.tokens, 64, generator=g).to(device, dtype) for _ in range(2)) for _ in range(30)]
+    nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+    ids = list(range(args.tokens))
+    results: dict[str, Any] = {"device": str(device), "dtype": args.dtype, "tokens": args.tokens, "bytes": nbytes}
+
+    def best(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = perf_counter()
+            fn()
+            sync()
+            times.append(perf_counter() - start)
+        return min(times)
+
+    copy_s = best(lambda: [t.clone() for pair in kv for t in pair])
+
+    def insert() -> None:
+        cache = radixkv.PrefixCache(spec, capacity_tokens=args.tokens + 64, block_size=16)
+        sync()
+        start = perf_counter()
+        cache.insert(ids, kv)
+        sync()
+        insert_times.append(perf_counter() - start)
+
+    insert_times: list[float] = []
+    for _ in range(args.repeats):
+        insert()
+    cache = radixkv.PrefixCache(spec, capacity_tokens=args.tokens + 64, block_size=16)
+    cache.insert(ids, kv)
+    with cache.match(ids) as m:
+        gathered = cache.gather(m)
+        if not all(
+            torch.equal(a[:, :, : m.num_tokens], b[:, :, : m.num_tokens])
+            for x, y in zip(gathered, kv, strict=True)
+            for a, b in zip(x, y, strict=True)
+        ):
+            raise SystemExit("rates: the gathered KV differs from what was inserted")
+        gather_s = best(lambda: cache.gather(m))
+    insert_s = min(insert_times)
+    for name, seconds in (("copy", copy_s), ("gather", gather_s), ("insert", insert_s)):
+        results[f"{name}_gb_per_s"] = round(nbytes / seconds / 1e9, 2)
+    results["gather_vs_copy"] = round(copy_s / gather_s, 3)
+    results["insert_vs_copy"] = round(copy_s / insert_s, 3)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m radixkv.benchmarks.sharing", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="figure", required=True)
@@ -355,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=2048)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--new", type=int, default=8)
+    p = sub.add_parser("rates")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=10)
     p = sub.add_parser("half")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
@@ -373,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
         p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     args = parser.parse_args(argv)
-    for name in ("rows", "prefix", "document", "question", "new", "beams", "repeats", "threads"):
+    for name in ("rows", "prefix", "document", "question", "new", "beams", "repeats", "threads", "tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -385,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "beams": beams,
         "break-even": break_even,
         "half": half,
+        "rates": rates,
     }
     result = figures[args.figure](args)
     text = json.dumps(result, indent=None if args.figure == "decode-one" else 2)
