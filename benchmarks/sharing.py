@@ -248,7 +248,7 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
     """Decode time per step with and without holding the prefix once, warm cache, by prefix and rows.
 
     Both runs use the cache (the prefix is cached already and computed once either way); only the
-    holding differs (`SHARE_MIN_TOKENS` set to 1 or beyond the prefix), so the ratio is the
+    holding differs (the thresholds set to hold any prefix, or none), so the ratio is the
     decode-time effect of the shared attention alone.
     """
     import radixkv.integrations.hf as hf
@@ -256,7 +256,7 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
     model = _model(args)
     vocab = model.config.vocab_size
     table = []
-    original = hf.SHARE_MIN_TOKENS
+    original = hf.SHARE_MIN_TOKENS, hf.SHARE_MIN_SAVED_TOKENS
     try:
         for prefix in args.prefixes:
             for rows in args.rows_list:
@@ -271,6 +271,7 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(args.repeats):
                     for mode in ("private", "held"):
                         hf.SHARE_MIN_TOKENS = 1 if mode == "held" else 10**9
+                        hf.SHARE_MIN_SAVED_TOKENS = 0
                         timer = StepTimer()
                         outs[mode] = cached.generate(ids, attention_mask=mask, streamer=timer, **gen)
                         times[mode].append(timer.decode_s / (args.new - 1))
@@ -282,7 +283,7 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
                 print(row, file=sys.stderr)
                 table.append(row)
     finally:
-        hf.SHARE_MIN_TOKENS = original
+        hf.SHARE_MIN_TOKENS, hf.SHARE_MIN_SAVED_TOKENS = original
     return {"model": args.model, "new": args.new, "question": args.question, "table": table}
 
 

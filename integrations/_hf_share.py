@@ -109,8 +109,10 @@ def share_groups(
     *,
     min_tokens: int,
     min_rows: int,
+    min_saved: int = 0,
 ) -> list[ShareGroup]:
-    """Groups of cache rows sharing a prefix of >= `min_tokens` tokens, >= `min_rows` rows each.
+    """Groups of cache rows sharing a prefix of >= `min_tokens` tokens, >= `min_rows` rows each,
+    and whose one copy saves >= `min_saved` tokens of KV ((rows - 1) x prefix).
 
     Input rows are grouped by their first block; a group's prefix is the whole blocks they all
     have in common, capped by the least any member reuses (`reused[i]`, rounded down to a
@@ -127,7 +129,7 @@ def share_groups(
         if len(rows) * expand < min_rows:
             continue
         tokens = min(trie.common_depth(rows) * bs, min(reused[r] for r in rows) // bs * bs)
-        if tokens < max(min_tokens, 1):
+        if tokens < max(min_tokens, 1) or (len(rows) * expand - 1) * tokens < min_saved:
             continue
         cache_rows = tuple(r * expand + e for r in rows for e in range(expand))
         groups.append(ShareGroup(source=rows[0], rows=cache_rows, tokens=tokens))

@@ -32,8 +32,10 @@ HOLDING = [f for f in FAMILIES if f not in SLIDING]
 
 @pytest.fixture(autouse=True)
 def _short_shared_prefixes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny test prompts are tens of tokens: let them share from one block on."""
+    """The tiny test prompts are tens of tokens: let them share from one block on (the shipped
+    break-even rule has its own tests)."""
     monkeypatch.setattr(hf, "SHARE_MIN_TOKENS", BLOCK)
+    monkeypatch.setattr(hf, "SHARE_MIN_SAVED_TOKENS", 0)
 
 
 @contextmanager
@@ -128,6 +130,9 @@ def test_share_groups_cap_by_what_every_member_reuses() -> None:
     assert [(g.source, g.rows, g.tokens) for g in groups] == [(0, (0, 1, 2, 3), 20)]
     assert share_groups(trie, [24, 22, 6, 0], 1, min_tokens=8, min_rows=3) == []
     assert share_groups(trie, [24, 22, 6, 0], 1, min_tokens=24, min_rows=2) == []
+    # The break-even rule: one copy must save (sequences - 1) x prefix >= min_saved tokens.
+    assert share_groups(trie, [24, 22, 6, 0], 2, min_tokens=8, min_rows=2, min_saved=60) != []
+    assert share_groups(trie, [24, 22, 6, 0], 2, min_tokens=8, min_rows=2, min_saved=61) == []
 
 
 # ----- the attention merge against a reference -------------------------------------------------
@@ -285,6 +290,26 @@ def test_warm_rows_hold_the_shared_prefix_once_and_own_only_their_tokens() -> No
     own_width = past.layers[0].keys.shape[2]
     assert own_width < ids.shape[1] - 40 + 5
     assert past.layers[0].shared[0][0].shape[1] == 40
+
+
+def test_default_break_even_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the shipped thresholds, rows over a 40-token document are not held once (saving 160
+    tokens of KV is under SHARE_MIN_SAVED_TOKENS); lowering the thresholds to that call holds them."""
+    monkeypatch.undo()
+    assert hf.SHARE_MIN_TOKENS == 256 and hf.SHARE_MIN_SAVED_TOKENS == 2048 and hf.SHARE_MIN_ROWS == 2
+    model = model_for("llama")
+    ids, mask = rag_batch()
+    cached = hf.wrap(model, capacity_tokens=4096, block_size=BLOCK)
+    run(model, cached, ids, mask)
+    assert type(run(model, cached, ids, mask)[0].past_key_values).__name__ == "DynamicCache"
+    assert cached.stats.held_once_tokens == 0 and cached.stats.computed_once_tokens == 52
+    monkeypatch.setattr(hf, "SHARE_MIN_TOKENS", 40)
+    monkeypatch.setattr(hf, "SHARE_MIN_SAVED_TOKENS", 4 * 40)  # 5 rows share the 40-token document
+    ours, plain = run(model, cached, ids, mask)
+    assert_same(ours, plain)
+    assert cached.stats.held_once_tokens == 160
+    monkeypatch.setattr(hf, "SHARE_MIN_SAVED_TOKENS", 4 * 40 + 1)
+    assert type(run(model, cached, ids, mask)[0].past_key_values).__name__ == "DynamicCache"
 
 
 def test_tenants_share_only_within_their_namespace() -> None:
