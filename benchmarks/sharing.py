@@ -300,16 +300,17 @@ QUESTIONS = [
 
 
 def half(args: argparse.Namespace) -> dict[str, Any]:
-    """The trained model in half precision: rows sharing a real document, each with its own
-    question (chat template), cold then warm, per attention and setting: rows whose tokens differ
-    from plain `generate` and the largest score difference."""
+    """The trained model in half precision: rows sharing real documents (the system message), each
+    with its own question (chat template), cold then warm, per attention and setting (default, and
+    share_prefixes=True): rows whose tokens differ from plain `generate`, the largest score
+    difference, and what was shared."""
     from .workloads import read_text
 
     loaded = load(args.model, dtype=args.dtype)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise SystemExit(f"half: --model {args.model} has no tokenizer (use smollm2)")
-    document = read_text(f"documents/{args.document_name}.md")
+    document = "\n\n".join(read_text(f"documents/{name}.md") for name in args.documents.split(","))
     rows = []
     for question in QUESTIONS[: args.rows]:
         messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
@@ -328,7 +329,9 @@ def half(args: argparse.Namespace) -> dict[str, Any]:
                 steps = min(len(ours.scores), len(plain.scores))
                 diff = max((ours.scores[i] - plain.scores[i]).abs().max().item() for i in range(steps))
                 row = {"attention": attention, "share_prefixes": setting, "call": call, "rows_differ": differ}
+                stats = cached.stats
                 row |= {"max_score_diff": round(diff, 4), "shared": cached.share_prefixes}
+                row |= {"computed_once": stats.computed_once_tokens, "held_once": stats.held_once_tokens}
                 print(row, file=sys.stderr)
                 table.append(row)
     return {"model": args.model, "dtype": args.dtype, "rows": args.rows, "prompt_width": ids.shape[1], "table": table}
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--document-name", default="honeybees")
+    p.add_argument("--documents", default="honeybees,moon", help="documents of benchmarks/texts, comma-separated")
     p.add_argument("--new", type=int, default=32)
     p = sub.add_parser("break-even")
     p.add_argument("--model", default="smollm2")
