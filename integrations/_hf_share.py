@@ -6,7 +6,10 @@ Two plans per call, both over whole blocks of the rows' real tokens (padding exc
   prefill. A row of input with `expand` sequences (beams, `num_return_sequences`) counts
   `expand` times, so even one beam-search row has its prompt computed once, not once per beam.
   The adapter computes each such prefix once (shortest first, so a longer one builds on the
-  shorter) and stores it; the rows then hit it like any cached prefix.
+  shorter) and stores it; the rows then hit it like any cached prefix. It does so only when
+  that lowers the call's prefill positions (`prefill_saved` > 0): a dense batch prefills its
+  longest uncached suffix in every row, so a prefix that leaves that suffix as long saves nothing
+  (e.g. a chat template's first block, shared by every row beside one long uncached row).
 - `share_groups`: the cache rows (input row i -> rows i * expand ... i * expand + expand - 1)
   that may attend to one copy of a common prefix while decoding, and how long it is. A group's
   prefix is never longer than what every member reuses from the cache (`BatchLayout.reused`):
@@ -20,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockTrie", "ShareGroup", "prefixes_to_compute", "share_groups"]
+__all__ = ["BlockTrie", "ShareGroup", "prefill_saved", "prefixes_to_compute", "share_groups"]
 
 
 class BlockTrie:
@@ -90,6 +93,37 @@ def prefixes_to_compute(trie: BlockTrie, hits: Sequence[int]) -> list[tuple[int,
         if depth * bs > hit:
             best.setdefault(trie.paths[row][depth - 1], (row, depth * bs))
     return sorted(best.values(), key=lambda rt: (rt[1], rt[0]))
+
+
+def prefill_saved(
+    trie: BlockTrie, lengths: Sequence[int], hits: Sequence[int], todo: Sequence[tuple[int, int]], expand: int
+) -> int:
+    """Prefill positions saved by computing `todo` (from `prefixes_to_compute`) first; may be <= 0.
+
+    A dense batch prefills S = max(len_i - hit_i) columns in every one of its B x expand rows, so
+    a prefix computed once pays only where it lowers S: before, B x expand x S; after, the tokens
+    computed once (each prefix on top of the longest cached or earlier-computed prefix of it) plus
+    B x expand x S'. Rows take the deepest computed prefix they have. Cost O(rows x todo).
+    """
+    bs = trie.block_size
+    new_hits = list(hits)
+    computed = 0
+    done: list[tuple[int, int]] = []
+    for row, n in todo:
+        node = trie.paths[row][n // bs - 1]
+        base = hits[row]
+        for prev_row, prev_n in done:  # an earlier prefix of this one is cached by then
+            if prev_n <= n and trie.paths[row][prev_n // bs - 1] == trie.paths[prev_row][prev_n // bs - 1]:
+                base = max(base, prev_n)
+        computed += n - min(base, n)
+        done.append((row, n))
+        for r, path in enumerate(trie.paths):
+            if len(path) * bs >= n and path[n // bs - 1] == node:
+                new_hits[r] = max(new_hits[r], n)
+    rows = len(lengths) * expand
+    before = max(n - h for n, h in zip(lengths, hits, strict=True))
+    after = max(n - h for n, h in zip(lengths, new_hits, strict=True))
+    return rows * (before - after) - computed
 
 
 @dataclass(frozen=True)

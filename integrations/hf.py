@@ -27,7 +27,7 @@ from radixkv.hashing import namespace_key
 from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
-from ._hf_share import BlockTrie, ShareGroup, prefixes_to_compute, share_groups
+from ._hf_share import BlockTrie, ShareGroup, prefill_saved, prefixes_to_compute, share_groups
 from ._hf_shared_kv import SharedPrefixCache, build_shared_past, shared_attention
 from ._hf_support import (
     CallPlan,
@@ -309,8 +309,9 @@ class CachedModel:
         try:
             matches = self._match_all(prompts, namespace, tenant)
             if compute_once:
-                todo = prefixes_to_compute(trie, [m.num_tokens for m in matches])
-                if todo:
+                hits = [m.num_tokens for m in matches]
+                todo = prefixes_to_compute(trie, hits)
+                if todo and prefill_saved(trie, lengths, hits, todo, expand) > 0:
                     # Compute each shared prefix once, store it, then look the rows up again: they
                     # hit it like a prefix an earlier call stored (the same prefill KV).
                     self._release_all(matches)

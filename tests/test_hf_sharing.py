@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import radixkv.integrations.hf as hf  # noqa: E402
 from radixkv.integrations import _hf_shared_kv as shared_kv  # noqa: E402
-from radixkv.integrations._hf_share import BlockTrie, prefixes_to_compute, share_groups  # noqa: E402
+from radixkv.integrations._hf_share import BlockTrie, prefill_saved, prefixes_to_compute, share_groups  # noqa: E402
 from radixkv.integrations._hf_shared_kv import ATTENTION_NAME, build_shared_past, shared_attention  # noqa: E402
 from test_hf_generate import FAMILIES, SLIDING, left_pad, model_for, no_locks, tokens  # noqa: E402
 
@@ -119,6 +119,35 @@ def test_prefixes_to_compute_once_each_shortest_first_and_only_beyond_the_hits()
     assert prefixes_to_compute(trie, [0, 0, 0, 0]) == [(2, 16), (0, 20)]
     assert prefixes_to_compute(trie, [16, 16, 16, 0]) == [(0, 20)]  # the document is cached
     assert prefixes_to_compute(trie, [20, 20, 16, 0]) == []
+
+
+def test_prefixes_are_computed_once_only_where_they_shorten_the_batch_prefill() -> None:
+    doc = list(range(100, 116))
+    rows = [[*doc, 1, 2, 3, 4, 5], [*doc, 1, 2, 3, 4, 6], [*doc, 9, 9, 9, 9, 9]]
+    lengths = [len(r) for r in rows]
+    trie = BlockTrie(rows, block_size=4)
+    todo = prefixes_to_compute(trie, [0, 0, 0])
+    # 3 rows x 21 columns before; after: 16 + 4 tokens computed once, 3 rows x 5 columns.
+    assert prefill_saved(trie, lengths, [0, 0, 0], todo, 1) == 3 * 21 - (20 + 3 * 5)
+    # A long row that shares nothing keeps the batch's prefill as wide: computing saves nothing.
+    long_rows = [*rows, [7] * 40]
+    trie = BlockTrie(long_rows, block_size=4)
+    todo = prefixes_to_compute(trie, [0, 0, 0, 0])
+    assert todo and prefill_saved(trie, [len(r) for r in long_rows], [0, 0, 0, 0], todo, 1) < 0
+    # Beams count: one row of 4 beams saves 3 copies of its 20 whole-block tokens.
+    trie = BlockTrie(rows[:1], block_size=4, expand=4)
+    todo = prefixes_to_compute(trie, [0])
+    assert todo == [(0, 20)] and prefill_saved(trie, [21], [0], todo, 4) == 4 * 21 - (20 + 4 * 1)
+
+
+def test_a_shared_prefix_that_would_not_shorten_the_prefill_is_not_computed_once() -> None:
+    model = model_for("llama")
+    rows = [tokens(8, 1) + tokens(3, 2), tokens(8, 1) + tokens(4, 3), tokens(30, 4)]
+    ids, mask = left_pad(rows)
+    cached = hf.wrap(model, capacity_tokens=4096, block_size=BLOCK)
+    ours, plain = run(model, cached, ids, mask)
+    assert_same(ours, plain)
+    assert cached.stats.computed_once_tokens == 0
 
 
 def test_share_groups_cap_by_what_every_member_reuses() -> None:
