@@ -231,15 +231,16 @@ class CachedModel:
     def share_prefixes(self) -> tuple[bool, bool]:
         """(computed once, held once) for a call starting now; see `wrap`'s `share_prefixes`.
 
-        Computed once: prefixes several sequences of a call share are prefilled once and stored
-        before `generate`, so the rows hit them. That KV is a prefill's, as a hit from an earlier
-        call would be, so by default it is on wherever such a hit reproduces plain `generate`:
-        float32 / float64 KV (as `reuse_generated`), or eager attention in half precision (its
-        prefill KV of a prefix does not depend on what follows). Held once: rows attend to one
-        copy of the shared prefix, merging two partial softmaxes in float32; by default only for
-        float32 / float64 KV (in half precision that merge rounds differently from the model's
-        kernel), never where `hold_once_reason` says the model cannot. True: both (held once where
-        the model can), also in half precision and with a quantised pool; False: neither.
+        Computed once: prefixes several sequences of a call share are prefilled once (one row)
+        and stored before `generate`, so the rows hit them. Held once: rows attend to one copy of
+        the shared prefix, merging two partial softmaxes in float32, where `hold_once_reason` is
+        None. By default both are on where the result stays within float32 rounding of plain
+        `generate`: float32 / float64 KV with full-precision matmuls (as `reuse_generated`) and
+        an exact pool. In half precision a prefix prefilled alone rounds differently from the
+        same prefix inside a padded batch (the matmul kernels depend on the batch's shape; measured
+        on SmolLM2-135M in bfloat16 with eager attention: 1 of 8 rows' greedy text changed), so
+        there it is opt-in. True: both wherever the model allows, also in half precision and with
+        a quantised pool; False: neither.
         """
         if self._model_kv is None or self._share_prefixes is False:
             return False, False
@@ -248,8 +249,7 @@ class CachedModel:
             return True, holdable
         assert self.cache is not None
         exact = self.cache.kv_dtype is None and _decode_kv_is_exact(self._model_kv.spec.dtype)
-        eager = getattr(self.model.config, "_attn_implementation", None) == "eager"
-        return exact or (eager and self.cache.kv_dtype is None), exact and holdable
+        return exact, exact and holdable
 
     @property
     def stats(self) -> AdapterStats:
@@ -623,10 +623,10 @@ def wrap(
     or sampled sequences of a call share are prefilled once and stored before `generate`
     (computed once), and rows sharing a cached prefix of at least SHARE_MIN_TOKENS tokens attend
     to one copy of its KV while decoding (held once; exact log-sum-exp merge). None (default):
-    computed once where a cached hit reproduces plain `generate` (float32 / float64, or eager
-    attention in half precision, exact pool), held once in float32 / float64 only
-    (`CachedModel.share_prefixes`). True: both wherever the model allows (`hold_once_reason`).
-    False: neither (each row computes and holds its own copy, as plain `generate` does).
+    both in float32 / float64 with an exact pool (`CachedModel.share_prefixes`), where outputs
+    stay within float32 rounding of plain `generate`. True: both wherever the model allows
+    (`hold_once_reason`), half precision included (outputs may then differ slightly from plain
+    `generate`). False: neither (each row computes and holds its own copy, as plain `generate`).
     `kv_dtype="int8"` / `"int4"` (PrefixCache's) stores reused KV quantised (about 1.9x / 3.5x
     the tokens of float16 per byte); outputs then differ from plain `generate`. The default
     (None) keeps them equal. The host, disk and shared tiers store the same quantised blocks;
