@@ -134,6 +134,12 @@ class CachedModel:
          active adapters, disabled, merged) pick the namespace instead: switching adapters keeps
          each adapter's entries apart and warm. Not seen: in-place edits through `p.data`; call
          `cache.clear()` after those.
+      9. Sharing inside a call (`share_prefixes`, tests in tests/test_hf_sharing.py): uncached
+         whole-block prefixes that several sequences share (beams and samples count once each)
+         are prefilled once and stored before `generate` when that lowers the call's prefill
+         positions; rows sharing a cached prefix past the break-even rule (SHARE_MIN_*) attend to
+         one copy of it through `SharedPrefixCache` and get the same output. The model's
+         attention implementation names the shared one only during such a call.
     Exactness: greedy tokens equal plain `generate`'s, float32 scores within 1e-4. In float16
     and bfloat16 this holds because only prefill-computed KV is stored by default (decode-step
     KV of the same tokens differs by up to 1 ulp; `reuse_generated=True` trades that for hits
