@@ -203,10 +203,10 @@ class BatchBenchResult:
         return all(checked) if checked else None
 
 
-def left_padded(prompts: Sequence[Tokens], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: Sequence[Tokens], device: Any = None, pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of `prompts` as one left-padded batch, [B, longest]."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[PAD_ID] * (width - len(p)) + list(p) for p in prompts], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
 

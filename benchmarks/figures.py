@@ -33,6 +33,7 @@ from transformers import DynamicCache
 import radixkv
 from radixkv import KVSpec, PrefixCache
 
+from .batched import left_padded
 from .methods import METHODS, BenchSettings, MethodRun, run_interleaved
 from .models import SMOLLM2, load, load_model
 from .report import plot_real_model
@@ -430,21 +431,11 @@ def chat_prompts(tok: Any, document: str) -> list[list[int]]:
     ]
 
 
-def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def greedy_agreement(model: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """Per kv_dtype: share of prompts whose greedy output equals plain generate's, first divergences."""
     pad = 2
-    ids, mask = _left_pad(prompts, pad)
+    ids, mask = left_padded(prompts, pad=pad)
     greedy = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad}
     ref = model.generate(ids, attention_mask=mask, **greedy)[:, ids.shape[1] :]
     common = 0

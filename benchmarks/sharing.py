@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import radixkv
 
+from .batched import left_padded
 from .models import load
 
 
@@ -70,16 +71,6 @@ def count_forward_tokens(model: Any) -> Iterator[list[int]]:
         handle.remove()
 
 
-def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def random_tokens(n: int, seed: int, vocab: int, low: int = 3) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, vocab, (n,), generator=g).tolist()
@@ -115,7 +106,7 @@ def cold_batch(args: argparse.Namespace) -> dict[str, Any]:
     vocab = model.config.vocab_size
     doc = random_tokens(args.document, 1, vocab)
     rows = [doc + random_tokens(args.question, 100 + i, vocab) for i in range(args.rows)]
-    ids, mask = (t.to(args.device) for t in left_pad(rows))
+    ids, mask = (t.to(args.device) for t in left_padded(rows))
     gen = {"max_new_tokens": args.new, "do_sample": False}
     out: dict[str, Any] = {"document": args.document, "rows": args.rows, "question": args.question, "new": args.new}
     for rep in range(args.repeats):
@@ -144,7 +135,7 @@ def _decode_batch(model: Any, args: argparse.Namespace) -> tuple[torch.Tensor, t
     vocab = model.config.vocab_size
     prefix = random_tokens(args.prefix, 7, vocab, low=100)
     rows = [prefix + random_tokens(args.question, 200 + i, vocab, low=100) for i in range(args.rows)]
-    ids, mask = left_pad(rows)
+    ids, mask = left_padded(rows)
     return ids.to(args.device), mask.to(args.device)
 
 
@@ -262,7 +253,7 @@ def break_even(args: argparse.Namespace) -> dict[str, Any]:
             for rows in args.rows_list:
                 p = random_tokens(prefix, prefix, vocab, low=100)
                 batch = [p + random_tokens(args.question, 300 + i, vocab, low=100) for i in range(rows)]
-                ids, mask = (t.to(args.device) for t in left_pad(batch))
+                ids, mask = (t.to(args.device) for t in left_padded(batch))
                 gen = {"max_new_tokens": args.new, "do_sample": False}
                 times: dict[str, list[float]] = {"private": [], "held": []}
                 outs = {}
@@ -315,7 +306,7 @@ def half(args: argparse.Namespace) -> dict[str, Any]:
     for question in QUESTIONS[: args.rows]:
         messages = [{"role": "system", "content": document}, {"role": "user", "content": question}]
         rows.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    ids, mask = left_pad([list(r) for r in rows], pad=tok.pad_token_id or 0)
+    ids, mask = left_padded([list(r) for r in rows], pad=tok.pad_token_id or 0)
     gen = {"max_new_tokens": args.new, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     table = []
     for attention in ("eager", "sdpa"):
