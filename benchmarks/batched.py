@@ -272,7 +272,8 @@ def make_radixkv(
     share_prefixes: bool | None = None,
     name: str = "radixkv",
 ) -> PaddedMethod:
-    """`radixkv.wrap(model, ...)` on the same padded batches; reuse read from `cached.stats.reused_tokens`."""
+    """`radixkv.wrap(model, ...)` on the same padded batches; reuse read from `cached.stats` (reused
+    tokens less those computed once for several rows of the batch)."""
     import radixkv
 
     cached = radixkv.wrap(

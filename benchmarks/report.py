@@ -328,7 +328,8 @@ def format_batch_table(result: BatchBenchResult) -> str:
         "it did not read from its cache); continuous batching packs requests unpadded: positions embedded "
         "during its call minus one per generated token after a request's first",
         "prompt tokens computed = real prompt tokens - tokens read from a cache (radixkv: cached.stats."
-        "reused_tokens; continuous batching: its prefix-match hits); hit rate = read / prompt tokens",
+        "reused_tokens less computed_once_tokens, the prefixes it computed once for several rows of a batch; "
+        "continuous batching: its prefix-match hits); hit rate = read / prompt tokens",
         "total = wall time of the method's generate calls; generate and radixkv interleaved batch by batch, "
         "continuous batching run alone before them; time / reference = total / the reference's total",
     ]
