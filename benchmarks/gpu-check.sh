@@ -24,8 +24,9 @@ step() {  # step NAME COMMAND...: run it, keep its output, note a failure and go
 step versions python -c 'import torch, transformers; print(torch.__version__, transformers.__version__,
     torch.version.cuda, torch.cuda.get_device_name(0), torch.backends.cuda.flash_sdp_enabled(),
     torch.backends.cuda.mem_efficient_sdp_enabled())'
-# Correctness: shared calls (float32 / float16 / bfloat16, eager / sdpa) against plain generate.
-step tests-sharing python -m pytest -q -x tests/test_hf_sharing.py --device cuda
+# Correctness: the pool in every dtype (exact, int8, int4: CUDA bits = CPU bits), shared calls
+# (float32 / float16 / bfloat16, eager / sdpa) against plain generate.
+step tests-device python -m pytest -q tests/test_device_pool.py tests/test_hf_sharing.py --device cuda
 # Figures: pool rates beside a device copy, TTFT of a hit, the sharing figures.
 for dtype in float16 bfloat16 float32; do
     step "rates-$dtype" python -m radixkv.benchmarks.sharing rates --device cuda --dtype "$dtype" --out "$out/rates-$dtype.json"
