@@ -12,7 +12,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device",
         default="cpu",
-        help="device for the tests that take the `device` fixture (tests/test_device_pool.py, tests/test_hf_sharing.py): "
+        help="device of the tests that take the `device` fixture (test_device_pool.py, test_hf_sharing.py): "
         "cpu (default), cuda, cuda:1",
     )
 
