@@ -182,13 +182,16 @@ class CachedModel:
         """Whether a call finishing now stores the KV of the tokens it generated, not only its prompt's.
 
         True or False as given to `wrap`. With the default (None): True only where decode-step KV
-        reproduces plain `generate`, i.e. float32 or float64 KV computed by full-precision float32
-        matmuls (`torch.get_float32_matmul_precision() == "highest"`, read at each call; TF32 or
-        bfloat16 matmuls round like half precision).
+        reproduces plain `generate`, i.e. float64 KV, or float32 KV computed by full-precision
+        ("ieee") float32 matmuls on the KV's device, read at each call from torch's per-backend
+        setting (see `_float32_matmul_precision`; TF32 or bfloat16 matmuls round like half precision).
         """
         if self._reuse_generated is not None:
             return self._reuse_generated
-        return self._model_kv is not None and _decode_kv_is_exact(self._model_kv.spec.dtype)
+        if self._model_kv is None:
+            return False
+        spec = self._model_kv.spec
+        return _decode_kv_is_exact(spec.dtype, spec.device)
 
     @property
     def stats(self) -> AdapterStats:
@@ -333,12 +336,47 @@ def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None
     return None if param is None else (param.dtype, param.device)
 
 
-def _decode_kv_is_exact(dtype: torch.dtype) -> bool:
+def _decode_kv_is_exact(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether KV computed one token at a time matches a prefill's closely enough to keep greedy
-    output identical: float64, or float32 with full-precision float32 matmuls."""
+    output identical: float64, or float32 with full-precision float32 matmuls on `device`."""
     if dtype == torch.float64:
         return True
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dtype == torch.float32 and _float32_matmul_precision(torch.device(device).type) == "ieee"
+
+
+def _float32_matmul_precision(device_type: str) -> str:
+    """The float32 matmul precision in effect on a device type: "ieee" (full), "tf32" or "bf16".
+
+    Read from torch's per-backend settings, which both of its APIs set: CUDA (and ROCm):
+    `torch.backends.cuda.matmul.fp32_precision`; CPU: `torch.backends.mkldnn.matmul.fp32_precision`,
+    then `torch.backends.mkldnn.fp32_precision`; a "none" falls back to `torch.backends.fp32_precision`,
+    and "none" there means "ieee". `torch.set_float32_matmul_precision("high")` sets both backends
+    to "tf32", "medium" sets the CPU's to "bf16"; `torch.backends.cuda.matmul.allow_tf32 = True`
+    sets CUDA's only, and so does `torch.backends.cudnn.fp32_precision` (CUDA's backend-wide value,
+    which torch reports through the matmul one). Any other device type gets the least precise of
+    the two. The legacy getters
+    (`torch.get_float32_matmul_precision()`, `allow_tf32`) are never read: they raise RuntimeError
+    once the new API has set a value.
+    """
+    backends = torch.backends
+    root = _precision_value(backends, "fp32_precision") or "ieee"
+    cuda = _precision_value(backends.cuda.matmul, "fp32_precision") or root
+    mkldnn = getattr(backends, "mkldnn", None)
+    cpu = _precision_value(getattr(mkldnn, "matmul", None), "fp32_precision") or _precision_value(
+        mkldnn, "fp32_precision"
+    )
+    cpu = cpu or root
+    if device_type == "cuda":
+        return cuda
+    if device_type == "cpu":
+        return cpu
+    return cuda if cuda != "ieee" else cpu
+
+
+def _precision_value(holder: object, name: str) -> str | None:
+    """A backend's fp32_precision, None when it is "none" (inherit) or the torch build lacks it."""
+    value = getattr(holder, name, None) if holder is not None else None
+    return value if isinstance(value, str) and value != "none" else None
 
 
 def _lengths_to_eos(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
