@@ -78,6 +78,12 @@ class CachedModel:
     Contract of `generate(*args, **kwargs)`: same arguments and same return value as
     `model.generate` (tensor, or the `Generate*Output` with `return_dict_in_generate=True`).
     The rules are numbered as the tests in tests/test_hf_generate.py name them (`test_ruleN_*`).
+    Everything else is the model's: attributes (`device`, `dtype`, `config`, `generation_config`,
+    `can_generate()`, ...), calls (`cached(input_ids)` is the forward pass), `isinstance` and
+    `__class__`, so the wrapper goes wherever the model goes (`pipeline("text-generation",
+    model=cached)`, lm-evaluation-harness's `HFLM(pretrained=cached)`); `to` / `eval` / `train`
+    return the wrapper, and a `to` that moves the weights to another dtype or device starts a new
+    cache (tests/test_hf_dropin.py).
       1. Each row's real tokens (padding excluded) are matched against the cache, at most
          len - 1 tokens, and only the uncached suffix is prefilled. One row: all of its hit.
       2. A batch is prefilled on its last S = max(len_i - hit_i) columns and each row reuses
@@ -137,6 +143,7 @@ class CachedModel:
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
         if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a transformers model with generate() and a config, got {type(model)!r}")
+        self._wrap_options: dict[str, Any] = dict(options)  # as given: `to()` builds a new cache from them
         self.model = model
         self._reuse_generated = reuse_generated
         self._signature = generate_signature(model.generate)
@@ -176,6 +183,64 @@ class CachedModel:
     def __repr__(self) -> str:
         state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
         return f"CachedModel({type(self.model).__name__}, {state})"
+
+    # ----- standing in for the model ----------------------------------------------------
+    # Pipelines, evaluation harnesses and other libraries take a model object, read `device`,
+    # `dtype`, `config`, `generation_config`, `can_generate()`, `__class__.__name__` and call
+    # `generate`, `to`, `eval` or the model itself. The wrapper answers all of that as the model
+    # does, so it can be handed to them in its place; only `generate` (and `to` / `eval` /
+    # `train`, which return the wrapper) are its own.
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names the wrapper lacks. Dunder lookups (copy, pickle) are not forwarded.
+        model = self.__dict__.get("model")
+        if model is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(model, name)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The model's class, so that `isinstance(cached, PreTrainedModel)` and the class-name
+        checks of pipelines (which pick per-model prompt prefixes by it) see the model, as with
+        any object proxy; `type(cached)` is still CachedModel."""
+        return type(self.__dict__["model"]) if "model" in self.__dict__ else CachedModel
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward pass, unchanged (the cache serves `generate` only)."""
+        return self.model(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> CachedModel:
+        """`model.to(...)`, returning the wrapper. If the weights' dtype or device changed, the
+        cache starts afresh for them (as `wrap` would build it, from the same options): KV that
+        the model computed before the move is not what it computes now."""
+        before = _weights_dtype_device(self.model)
+        self.model.to(*args, **kwargs)
+        if _weights_dtype_device(self.model) != before:
+            self._restart()
+        return self
+
+    def cpu(self) -> CachedModel:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> CachedModel:
+        if isinstance(device, int):
+            return self.to(torch.device("cuda", device))
+        return self.to("cuda" if device is None else device)
+
+    def eval(self) -> CachedModel:
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> CachedModel:
+        """`model.train(mode)`; calls in training mode run uncached (dropout), see rule 6."""
+        self.model.train(mode)
+        return self
+
+    def _restart(self) -> None:
+        """A new, empty cache for the model as it is now; the old one stops using its shared tier."""
+        old = self.cache
+        CachedModel.__init__(self, self.model, reuse_generated=self._reuse_generated, **self._wrap_options)
+        if old is not None:
+            old.close()
 
     @property
     def reuse_generated(self) -> bool:
