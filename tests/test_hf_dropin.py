@@ -255,7 +255,6 @@ def _generate_until(model: Any, tokenizer: Any, contexts: list[str], batch_size:
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_hflm_generate_until_matches_plain_and_hits_on_the_few_shot_prefix(batch_size: int) -> None:
-    pytest.importorskip("lm_eval")
     model, tok = tiny_model(), char_tokenizer()
     cached = radixkv.wrap(model, capacity_tokens=2048, block_size=BLOCK)
     shots = "".join(f"Q: {a} + {a}?\nA: {2 * a}\n\n" for a in range(11, 17))
