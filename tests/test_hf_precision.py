@@ -42,6 +42,11 @@ def precision_setting(apply: Callable[[], None]) -> Iterator[None]:
     legacy_cudnn = torch.backends.cudnn.allow_tf32
     legacy = torch.get_float32_matmul_precision()
     try:
+        # From torch's defaults: a value left explicit by an earlier test (the legacy setter writes
+        # "ieee" into the matmul attributes) would override the parent value a case sets.
+        torch.set_float32_matmul_precision("highest")
+        for holder, _ in saved:
+            holder.fp32_precision = "none"
         apply()
         yield
     finally:
