@@ -401,7 +401,7 @@ def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None
     return None if param is None else (param.dtype, param.device)
 
 
-def _decode_kv_is_exact(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+def _decode_kv_is_exact(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether KV computed one token at a time matches a prefill's closely enough to keep greedy
     output identical: float64, or float32 with full-precision float32 matmuls on `device`."""
     if dtype == torch.float64:
