@@ -154,6 +154,10 @@ def analyze_call(
         return Passthrough(f"model input(s) {', '.join(unknown)} may change the KV of the same tokens")
     if model.training:
         return Passthrough("the model is in training mode (dropout makes cached KV differ from recomputed KV)")
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device) and torch.is_autocast_enabled(device.type):
+        # Autocast computes in its own dtype: its KV differs from what a call without it computes.
+        return Passthrough(f"autocast is enabled on {device.type} (KV would differ from the model's own precision)")
 
     mask = model_kwargs.get("attention_mask")
     if mask is None:

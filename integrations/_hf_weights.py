@@ -12,65 +12,66 @@ class WeightsWatch:
     """Tells when any parameter or buffer of a model may have changed, and which adapters are on.
 
     The tensor version is (identity, storage, in-place version counter) of every tensor: optimizer
-    steps, `load_state_dict`, `p.add_()` under no_grad and `p.data = t` all change it; edits in
-    place through `p.data` do not. The adapter state is that of every adapter layer (PEFT's tuner
-    layers: active adapters, disabled, merged), which `set_adapter`, `disable_adapters` and merges
-    change without touching a parameter's version. Walking the module tree is most of the cost
-    (~2 us a tensor), so the tensor and adapter-layer lists are kept and walked again only after
-    some module anywhere registered a parameter, buffer or submodule (global registration hooks:
-    new LoRA layers, replaced modules). Then a look costs ~0.3 us a tensor (+ ~1.5 us an adapter
-    layer).
+    steps, `load_state_dict`, `p.add_()` under no_grad, `p.data = t`, new LoRA layers and replaced
+    modules all change it; edits in place through `p.data` do not. The adapter state is that of
+    every adapter layer (PEFT's tuner layers: active adapters, disabled, merged), which
+    `set_adapter`, `disable_adapters` and merges change without touching a parameter's version.
+    Each look walks this model's module tree (its modules' own parameter, buffer and submodule
+    dicts), so the watch needs nothing outside the model: no process-wide registration hooks,
+    which would run for every other model in the process and make Dynamo recompile compiled
+    models that register anything. Cost: ~1 us a module (~0.5 ms for a 30-layer model, of which
+    ~0.05 ms reads the tensors' versions), small next to a forward pass.
     """
 
-    _structure = 0  # bumped by the registration hooks
-    _hooked = False
-
     def __init__(self, model: Any) -> None:
-        WeightsWatch._install_hooks()
         self.model = model
-        self._seen = -1
-        self._tensors: list[torch.Tensor] = []
-        self._adapter_layers: list[Any] = []
-
-    @classmethod
-    def _install_hooks(cls) -> None:
-        if cls._hooked:
-            return
-        from torch.nn.modules import module as nn_module
-
-        def bump(*_args: Any) -> None:
-            cls._structure += 1
-
-        nn_module.register_module_parameter_registration_hook(bump)
-        nn_module.register_module_buffer_registration_hook(bump)
-        nn_module.register_module_module_registration_hook(bump)
-        cls._hooked = True
+        self._adapter_types: dict[type, bool] = {}
 
     def look(self) -> tuple[tuple[int, ...], tuple[object, ...]]:
         """(tensor version, adapter state): the adapter state is () without adapter layers, one
         layer's state when all layers agree (the usual case), else every layer's."""
-        if self._seen != WeightsWatch._structure:
-            self._seen = WeightsWatch._structure
-            model = self.model
-            self._tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
-            modules = model.modules() if hasattr(model, "modules") else ()
-            self._adapter_layers = [m for m in modules if _is_adapter_layer(m)]
-        tensors: list[int] = []
-        for t in self._tensors:
-            tensors += (id(t), t.data_ptr(), t._version)
+        tensors, adapter_layers = self._walk()
+        version: list[int] = []
+        for t in tensors:
+            version += (id(t), t.data_ptr(), t._version)
         states = [
-            (tuple(m.active_adapters), bool(m.disable_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers
+            (tuple(m.active_adapters), bool(m.disable_adapters), tuple(m.merged_adapters)) for m in adapter_layers
         ]
         adapters = tuple(states[:1]) if len(set(states)) == 1 else tuple(states)
-        return tuple(tensors), adapters
+        return tuple(version), adapters
+
+    def _walk(self) -> tuple[list[torch.Tensor], list[Any]]:
+        """Every parameter and buffer (tied ones once per holder, in a fixed order) and every adapter layer."""
+        model = self.model
+        if not isinstance(model, torch.nn.Module):
+            tensors = [*model.parameters(), *model.buffers()] if hasattr(model, "parameters") else []
+            return tensors, []
+        tensors: list[torch.Tensor] = []
+        adapter_layers: list[Any] = []
+        seen: set[int] = set()
+        stack: list[torch.nn.Module] = [model]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            # The dicts that nn.Module's own parameters() / buffers() / modules() read.
+            state = module.__dict__
+            tensors.extend(t for t in state["_parameters"].values() if t is not None)
+            tensors.extend(t for t in state["_buffers"].values() if t is not None)
+            cls = type(module)
+            is_adapter = self._adapter_types.get(cls)
+            if is_adapter is None:
+                is_adapter = self._adapter_types[cls] = _is_adapter_class(cls)
+            if is_adapter and hasattr(module, "merged_adapters"):
+                adapter_layers.append(module)
+            stack.extend(m for m in reversed(state["_modules"].values()) if m is not None)
+        return tensors, adapter_layers
 
 
-def _is_adapter_layer(module: Any) -> bool:
+def _is_adapter_class(cls: type) -> bool:
     """A PEFT tuner layer (LoRA and others), recognised by its public properties, not by import:
-    `active_adapters` and `disable_adapters` as properties, and `merged_adapters`."""
-    cls = type(module)
-    return (
-        isinstance(getattr(cls, "active_adapters", None), property)
-        and isinstance(getattr(cls, "disable_adapters", None), property)
-        and hasattr(module, "merged_adapters")
+    `active_adapters` and `disable_adapters` as properties (and `merged_adapters` on the layer)."""
+    return isinstance(getattr(cls, "active_adapters", None), property) and isinstance(
+        getattr(cls, "disable_adapters", None), property
     )

@@ -100,6 +100,12 @@ class CachedModel:
     Contract of `generate(*args, **kwargs)`: same arguments and same return value as
     `model.generate` (tensor, or the `Generate*Output` with `return_dict_in_generate=True`).
     The rules are numbered as the tests in tests/test_hf_generate.py name them (`test_ruleN_*`).
+    Everything else is the model's: attributes (`device`, `dtype`, `config`, `generation_config`,
+    `can_generate()`, ...), calls (`cached(input_ids)` is the forward pass), `isinstance` and
+    `__class__`, so the wrapper goes wherever the model goes (`pipeline("text-generation",
+    model=cached)`, lm-evaluation-harness's `HFLM(pretrained=cached)`); `to` / `eval` / `train`
+    return the wrapper, and a `to` that moves the weights to another dtype or device starts a new
+    cache (tests/test_hf_dropin.py).
       1. Each row's real tokens (padding excluded) are matched against the cache, at most
          len - 1 tokens, and only the uncached suffix is prefilled. One row: all of its hit.
       2. A batch is prefilled on its last S = max(len_i - hit_i) columns and each row reuses
@@ -176,6 +182,7 @@ class CachedModel:
             raise TypeError("model is already a CachedModel; wrap the underlying model once")
         if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
             raise TypeError(f"model must be a transformers model with generate() and a config, got {type(model)!r}")
+        self._wrap_options: dict[str, Any] = dict(options)  # as given: `to()` builds a new cache from them
         self.model = model
         self._reuse_generated = reuse_generated
         self._share_prefixes = share_prefixes
@@ -220,18 +227,85 @@ class CachedModel:
         state = repr(self.cache) if self.cache is not None else f"uncached: {self.unsupported_reason}"
         return f"CachedModel({type(self.model).__name__}, {state})"
 
+    # ----- standing in for the model ----------------------------------------------------
+    # Pipelines, evaluation harnesses and other libraries take a model object, read `device`,
+    # `dtype`, `config`, `generation_config`, `can_generate()`, `__class__.__name__` and call
+    # `generate`, `to`, `eval` or the model itself. The wrapper answers all of that as the model
+    # does, so it can be handed to them in its place; only `generate` (and `to` / `eval` /
+    # `train`, which return the wrapper) are its own.
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names the wrapper lacks. Dunder lookups (copy, pickle) are not forwarded.
+        model = self.__dict__.get("model")
+        if model is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(model, name)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The model's class, so that `isinstance(cached, PreTrainedModel)` and the class-name
+        checks of pipelines (which pick per-model prompt prefixes by it) see the model, as with
+        any object proxy; `type(cached)` is still CachedModel."""
+        return type(self.__dict__["model"]) if "model" in self.__dict__ else CachedModel
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward pass, unchanged (the cache serves `generate` only)."""
+        return self.model(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> CachedModel:
+        """`model.to(...)`, returning the wrapper. If the weights' dtype or device changed, the
+        cache starts afresh for them (as `wrap` would build it, from the same options): KV that
+        the model computed before the move is not what it computes now."""
+        before = _weights_dtype_device(self.model)
+        self.model.to(*args, **kwargs)
+        if _weights_dtype_device(self.model) != before:
+            self._restart()
+        return self
+
+    def cpu(self) -> CachedModel:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> CachedModel:
+        if isinstance(device, int):
+            return self.to(torch.device("cuda", device))
+        return self.to("cuda" if device is None else device)
+
+    def eval(self) -> CachedModel:
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> CachedModel:
+        """`model.train(mode)`; calls in training mode run uncached (dropout), see rule 6."""
+        self.model.train(mode)
+        return self
+
+    def _restart(self) -> None:
+        """A new, empty cache for the model as it is now; the old one stops using its shared tier."""
+        old = self.cache
+        CachedModel.__init__(
+            self,
+            self.model,
+            reuse_generated=self._reuse_generated,
+            share_prefixes=self._share_prefixes,
+            **self._wrap_options,
+        )
+        if old is not None:
+            old.close()
+
     @property
     def reuse_generated(self) -> bool:
         """Whether a call finishing now stores the KV of the tokens it generated, not only its prompt's.
 
         True or False as given to `wrap`. With the default (None): True only where decode-step KV
-        reproduces plain `generate`, i.e. float32 or float64 KV computed by full-precision float32
-        matmuls (`torch.get_float32_matmul_precision() == "highest"`, read at each call; TF32 or
-        bfloat16 matmuls round like half precision).
+        reproduces plain `generate`, i.e. float64 KV, or float32 KV computed by full-precision
+        ("ieee") float32 matmuls on the KV's device, read at each call from torch's per-backend
+        setting (see `_float32_matmul_precision`; TF32 or bfloat16 matmuls round like half precision).
         """
         if self._reuse_generated is not None:
             return self._reuse_generated
-        return self._model_kv is not None and _decode_kv_is_exact(self._model_kv.spec.dtype)
+        if self._model_kv is None:
+            return False
+        spec = self._model_kv.spec
+        return _decode_kv_is_exact(spec.dtype, spec.device)
 
     @property
     def share_prefixes(self) -> tuple[bool, bool]:
@@ -254,7 +328,8 @@ class CachedModel:
         if self._share_prefixes:
             return True, holdable
         assert self.cache is not None
-        exact = self.cache.kv_dtype is None and _decode_kv_is_exact(self._model_kv.spec.dtype)
+        spec = self._model_kv.spec
+        exact = self.cache.kv_dtype is None and _decode_kv_is_exact(spec.dtype, spec.device)
         return exact, exact and holdable
 
     @property
@@ -515,12 +590,47 @@ def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None
     return None if param is None else (param.dtype, param.device)
 
 
-def _decode_kv_is_exact(dtype: torch.dtype) -> bool:
+def _decode_kv_is_exact(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether KV computed one token at a time matches a prefill's closely enough to keep greedy
-    output identical: float64, or float32 with full-precision float32 matmuls."""
+    output identical: float64, or float32 with full-precision float32 matmuls on `device`."""
     if dtype == torch.float64:
         return True
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dtype == torch.float32 and _float32_matmul_precision(torch.device(device).type) == "ieee"
+
+
+def _float32_matmul_precision(device_type: str) -> str:
+    """The float32 matmul precision in effect on a device type: "ieee" (full), "tf32" or "bf16".
+
+    Read from torch's per-backend settings, which both of its APIs set: CUDA (and ROCm):
+    `torch.backends.cuda.matmul.fp32_precision`; CPU: `torch.backends.mkldnn.matmul.fp32_precision`,
+    then `torch.backends.mkldnn.fp32_precision`; a "none" falls back to `torch.backends.fp32_precision`,
+    and "none" there means "ieee". `torch.set_float32_matmul_precision("high")` sets both backends
+    to "tf32", "medium" sets the CPU's to "bf16"; `torch.backends.cuda.matmul.allow_tf32 = True`
+    sets CUDA's only, and so does `torch.backends.cudnn.fp32_precision` (CUDA's backend-wide value,
+    which torch reports through the matmul one). Any other device type gets the least precise of
+    the two. The legacy getters
+    (`torch.get_float32_matmul_precision()`, `allow_tf32`) are never read: they raise RuntimeError
+    once the new API has set a value.
+    """
+    backends = torch.backends
+    root = _precision_value(backends, "fp32_precision") or "ieee"
+    cuda = _precision_value(backends.cuda.matmul, "fp32_precision") or root
+    mkldnn = getattr(backends, "mkldnn", None)
+    cpu = _precision_value(getattr(mkldnn, "matmul", None), "fp32_precision") or _precision_value(
+        mkldnn, "fp32_precision"
+    )
+    cpu = cpu or root
+    if device_type == "cuda":
+        return cuda
+    if device_type == "cpu":
+        return cpu
+    return cuda if cuda != "ieee" else cpu
+
+
+def _precision_value(holder: object, name: str) -> str | None:
+    """A backend's fp32_precision, None when it is "none" (inherit) or the torch build lacks it."""
+    value = getattr(holder, name, None) if holder is not None else None
+    return value if isinstance(value, str) and value != "none" else None
 
 
 def _hold_once_reason(model: Any) -> str | None:

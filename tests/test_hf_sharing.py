@@ -362,6 +362,11 @@ def test_share_prefixes_false_keeps_every_row_private() -> None:
     assert type(ours.past_key_values).__name__ == "DynamicCache"
     with pytest.raises(TypeError, match="share_prefixes"):
         hf.wrap(model, share_prefixes="yes")
+    cached.to(torch.float64)  # a move starts a new cache with the same options
+    try:
+        assert cached.share_prefixes == (False, False) and cached.stats.calls == 0
+    finally:
+        model.to(torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
