@@ -445,7 +445,7 @@ def test_a_shared_cache_handed_back_to_generate_raises_instead_of_reading_half_a
     longer = torch.cat([ours.sequences, ours.sequences[:, -1:]], dim=1)
     longer_mask = torch.cat([mask, torch.ones_like(ours.sequences[:, mask.shape[1] :]), mask[:, -1:]], dim=1)
     with pytest.raises(RuntimeError, match="cannot be passed to another call"):
-        model.generate(longer, attention_mask=longer_mask, past_key_values=past, max_new_tokens=1)
+        model.generate(longer, attention_mask=longer_mask, max_new_tokens=1, **{hf.CACHE_KWARG: past})
 
 
 def test_eight_threads_sending_shared_batches_stay_correct() -> None:
