@@ -306,7 +306,7 @@ def test_rule4_locks_released_when_generate_raises(where: str, monkeypatch: pyte
         undo = _raise_in_forward(model)
     elif where == "gather":
 
-        def interrupted_gather(match: Any) -> Any:
+        def interrupted_gather(match: Any, **_part: Any) -> Any:
             raise KeyboardInterrupt
 
         monkeypatch.setattr(cached.cache, "gather", interrupted_gather)
