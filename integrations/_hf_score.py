@@ -22,6 +22,16 @@ pairs whose contexts share a long few-shot prefix, scored by a forward pass rath
 
 Rows the cache cannot serve go to the plain forward pass (one unpadded row at a time), with
 one `UncachedWarning` per call saying why.
+
+Why a `score(contexts, continuations)` method and not a cached `forward(input_ids,
+logits_to_keep=k)`: a forward that skips cached positions cannot return what a forward returns
+there (logits, hidden states, attentions, a loss over `labels`, a `past_key_values` covering the
+whole input), so `cached(input_ids)` would silently stop being the model's forward, which the
+drop-in contract keeps it. The context / continuation split is also exactly what the cache needs
+to know (the context is looked up and stored; the continuation is scored and not stored), and
+the result is what callers compute from the logits anyway (log-softmax and gather, as
+lm-evaluation-harness does). Token ids rather than text: harnesses tokenise the pair themselves
+(jointly, moving trailing spaces into the continuation), so the method takes what they have.
 """
 
 from __future__ import annotations

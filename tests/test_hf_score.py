@@ -274,3 +274,30 @@ def test_an_empty_call_returns_nothing_and_tensors_are_accepted() -> None:
     got = cached.score([torch.tensor(context)], [torch.tensor(cont)])
     assert_matches_plain(model, got, [context], [cont])
     assert isinstance(cached, CachedModel)
+
+
+def test_threads_scoring_overlapping_questions_get_plain_results_and_leave_no_lock() -> None:
+    import threading
+
+    model = model_for("llama")
+    cached = radixkv.wrap(model, capacity_tokens=160, block_size=BLOCK)  # small: inserts evict meanwhile
+    sets = [questions(tokens(36, 80), 3, 3, seed=81 + t) for t in range(3)]
+    results: dict[int, list[ContinuationScore]] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for _ in range(2):
+                results[t] = cached.score(*sets[t], batch_size=3)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t, (contexts, conts) in enumerate(sets):
+        assert_matches_plain(model, results[t], contexts, conts)
+    no_locks(cached)
