@@ -395,7 +395,10 @@ class CachedModel:
         TypeError naming the argument before any lookup (the cache is left as it was); a model
         whose weights moved to another dtype or device raises RuntimeError. Match locks are
         released before the forward pass, in a `finally`; an exception in the forward pass stores
-        nothing for that chunk. No length check: a sequence longer than the model's window gets
+        nothing of that chunk's rows (only shared prefixes prefilled before it, complete KV).
+        Half precision: scores differ from the plain forward's by the dtype's rounding (a cached
+        prefix was computed in another batch shape), as in `generate`. Thread-safe as `generate`.
+        No length check: a sequence longer than the model's window gets
         whatever the plain forward pass gives (lm-eval's adapter truncates first, as HFLM).
         Costs per chunk: one match per row, one copy of the reused KV, one forward pass over
         S = max(len_i - hit_i) columns with the vocabulary projection on the last
