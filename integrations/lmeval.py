@@ -1,6 +1,6 @@
 """lm-evaluation-harness over radixkv: the `radixkv-hf` model, HFLM with cached prefixes.
 
-Python (importing this module registers the name):
+Needs lm-eval (`pip install 'radixkv[hf,eval]'`). Python (importing this module registers the name):
 
 ```python
 import lm_eval
