@@ -27,6 +27,7 @@ from radixkv.hashing import namespace_key
 from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
 from ._hf_layout import BatchLayout, plan_layout
+from ._hf_score import ContinuationScore, ScoreStats, counter_of, score_continuations
 from ._hf_share import BlockTrie, ShareGroup, prefill_saved, prefixes_to_compute, share_groups
 from ._hf_shared_kv import SharedPrefixCache, build_shared_past, shared_attention
 from ._hf_support import (
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["CACHE_KWARG", "DEFAULT_CPU_MEMORY_FRACTION", "DEFAULT_CUDA_FREE_FRACTION", "DEFAULT_MIN_CAPACITY_TOKENS",
-           "DEFAULT_WEIGHTS_FRACTION", "AdapterStats", "CachedModel", "UncachedWarning", "default_capacity_tokens",
-           "wrap"]  # fmt: skip
+           "DEFAULT_WEIGHTS_FRACTION", "AdapterStats", "CachedModel", "ContinuationScore", "ScoreStats",
+           "UncachedWarning", "default_capacity_tokens", "wrap"]  # fmt: skip
 
 DEFAULT_WEIGHTS_FRACTION = 0.5
 """Default pool size: this share of the bytes of the model's parameters (the same number of
@@ -363,6 +364,52 @@ class CachedModel:
                 warnings.warn(f"radixkv: generate ran uncached: {verdict.reason}", UncachedWarning, stacklevel=2)
             return self.model.generate(*args, **kwargs)
         return self._generate_cached(verdict, namespace)
+
+    # ----- scoring: log-likelihoods over cached prefixes (integrations/_hf_score.py) ----
+    def score(
+        self,
+        contexts: Sequence[Sequence[int] | torch.Tensor],
+        continuations: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        batch_size: int | None = None,
+        namespace: object = None,
+    ) -> list[ContinuationScore]:
+        """Log-probabilities of each continuation given its context, reusing cached context KV.
+
+        Row i scores `continuations[i]` after `contexts[i]` (token ids: lists, tuples or 1-D
+        integer tensors) and returns a `ContinuationScore`: float32 per-token log-probabilities
+        and argmax flags (`.logprob` their sum, `.is_greedy` all flags), in the order given.
+        Equal to the plain forward pass over context + continuation (float32: within 1e-4, same
+        argmax) because each row's cached context prefix (at most len(context) - 1 tokens) is the
+        KV that pass computes, and the rest is computed as in `generate` (rules 1, 2, 8, 9:
+        suffix-aligned batch, explicit position ids, weights watched, prefixes shared by rows of
+        one chunk prefilled once). Each row's context is stored (whole blocks), its continuation
+        is not, so the other choices of a question and later questions sharing its few-shot
+        prefix hit.
+        `batch_size`: rows per forward pass (None: all in one). Rows are processed in token order,
+        so rows sharing a context fall into the same pass. `namespace`: the tenant, as in
+        `generate`. Models the cache cannot serve, and training mode, go to the plain forward
+        pass one row at a time with one `UncachedWarning`.
+        Errors: a context or continuation that is empty, not token ids or outside the
+        vocabulary, unequal lengths, or a bad `batch_size` / `namespace` raise ValueError or
+        TypeError naming the argument before any lookup (the cache is left as it was); a model
+        whose weights moved to another dtype or device raises RuntimeError. Match locks are
+        released before the forward pass, in a `finally`; an exception in the forward pass stores
+        nothing of that chunk's rows (only shared prefixes prefilled before it, complete KV).
+        Half precision: scores differ from the plain forward's by the dtype's rounding (a cached
+        prefix was computed in another batch shape), as in `generate`. Thread-safe as `generate`.
+        No length check: a sequence longer than the model's window gets
+        whatever the plain forward pass gives (lm-eval's adapter truncates first, as HFLM).
+        Costs per chunk: one match per row, one copy of the reused KV, one forward pass over
+        S = max(len_i - hit_i) columns with the vocabulary projection on the last
+        max(len(continuation)) columns only, one float32 log-softmax over those, one insert per row.
+        """
+        return score_continuations(self, contexts, continuations, batch_size=batch_size, namespace=namespace)
+
+    @property
+    def score_stats(self) -> ScoreStats:
+        """Totals of `score` calls (rows, reused context tokens); see `ScoreStats`."""
+        return counter_of(self).stats
 
     # ----- the cached path ------------------------------------------------------------
     def _generate_cached(self, plan: CallPlan, tenant: object = None) -> Any:
