@@ -28,7 +28,16 @@ from radixkv.pool import LayerKV
 
 from ._hf_layout import BatchLayout
 
-__all__ = ["CACHE_KWARG", "LayerKV", "ModelKV", "UnsupportedKV", "build_past", "probe_model_kv", "row_kv"]
+__all__ = [
+    "CACHE_KWARG",
+    "LayerKV",
+    "ModelKV",
+    "UnsupportedKV",
+    "build_past",
+    "probe_model_kv",
+    "row_kv",
+    "weights_dtype_device",
+]
 
 
 def _cache_kwarg() -> str:
@@ -156,6 +165,13 @@ def row_kv(past: DynamicCache, row: int, start: int, stop: int, spec: KVSpec) ->
         v = layer.values[row : row + 1, :, start:stop].to(spec.device)
         out.append((k, v))
     return out
+
+
+def weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None:
+    """(dtype, device) of the model's first parameter, None for a model without parameters: what
+    cached KV was computed with, checked before each cached call."""
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return None if param is None else (param.dtype, param.device)
 
 
 def past_length(past: DynamicCache) -> int:

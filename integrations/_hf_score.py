@@ -47,9 +47,9 @@ import torch
 from radixkv import PrefixMatch
 from radixkv.hashing import namespace_key
 
-from ._hf_kv import CACHE_KWARG, LayerKV, build_past, row_kv
+from ._hf_kv import CACHE_KWARG, LayerKV, build_past, row_kv, weights_dtype_device
 from ._hf_layout import plan_layout
-from ._hf_share import BlockTrie, prefill_saved, prefixes_to_compute
+from ._hf_share import BlockTrie
 from ._hf_support import UncachedWarning
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ def score_continuations(
         warnings.warn(f"radixkv: score ran uncached: {reason}", UncachedWarning, stacklevel=3)
         counter.add(uncached_rows=len(ctx_rows))
         return [_score_plain(cm.model, c, k) for c, k in zip(ctx_rows, cont_rows, strict=True)]
-    weights = _weights(cm.model)
+    weights = weights_dtype_device(cm.model)
     if weights != cm._weights:
         raise RuntimeError(
             f"the model moved from {cm._weights} to {weights} since radixkv.wrap; wrap it again for a new cache"
@@ -208,11 +208,6 @@ def _uncached_reason(cm: CachedModel) -> str | None:
     return None
 
 
-def _weights(model: Any) -> tuple[torch.dtype, torch.device] | None:
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return None if param is None else (param.dtype, param.device)
-
-
 def _score_chunk(
     cm: CachedModel,
     contexts: list[list[int]],
@@ -232,15 +227,7 @@ def _score_chunk(
     trie = BlockTrie(contexts, cache.block_size, 1)  # blocks inside context[:-1]: what can be matched
     matches: list[PrefixMatch] = []
     try:
-        matches = _match_all(cm, contexts, namespace, tenant)
-        if compute_once:
-            hits = [m.num_tokens for m in matches]
-            todo = prefixes_to_compute(trie, hits)
-            if todo and prefill_saved(trie, lengths, hits, todo, 1) > 0:
-                cm._release_all(matches)
-                matches = []
-                cm._compute_prefixes([contexts[row][:n] for row, n in todo], namespace, tenant)
-                matches = _match_all(cm, contexts, namespace, tenant)
+        matches = cm._match_sharing(contexts, lengths, trie, 1, compute_once, namespace, tenant)
         layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
         bs = cache.block_size
         gathered: list[list[LayerKV] | None] = [
@@ -279,21 +266,6 @@ def _score_chunk(
         cm._insert_row(context, row_kv(past, row, start, start + len(context), model_kv.spec), namespace, tenant)
     counter.add(context_tokens=sum(len(c) for c in contexts), reused_tokens=layout.reused_tokens)
     return results
-
-
-def _match_all(cm: CachedModel, contexts: Sequence[list[int]], namespace: object, tenant: object) -> list[PrefixMatch]:
-    """Each context's longest cached prefix, at most len - 1 tokens; on an exception the matches
-    taken so far are released."""
-    cache = cm.cache
-    assert cache is not None
-    matches: list[PrefixMatch] = []
-    try:
-        for context in contexts:
-            matches.append(cache.match(context[:-1], namespace=namespace, tenant=tenant))
-    except BaseException:
-        cm._release_all(matches)
-        raise
-    return matches
 
 
 def _gather_scores(logits: torch.Tensor, continuations: Sequence[list[int]]) -> list[ContinuationScore]:

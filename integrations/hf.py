@@ -25,7 +25,17 @@ from radixkv.cache import CacheOptions
 from radixkv.hashing import namespace_key
 
 from ._hf_fingerprint import model_fingerprint
-from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, UnsupportedKV, build_past, past_length, probe_model_kv, row_kv
+from ._hf_kv import (
+    CACHE_KWARG,
+    LayerKV,
+    ModelKV,
+    UnsupportedKV,
+    build_past,
+    past_length,
+    probe_model_kv,
+    row_kv,
+    weights_dtype_device,
+)
 from ._hf_layout import BatchLayout, plan_layout
 from ._hf_score import ContinuationScore, ScoreStats, counter_of, score_continuations
 from ._hf_share import BlockTrie, ShareGroup, prefill_saved, prefixes_to_compute, share_groups
@@ -194,7 +204,7 @@ class CachedModel:
         self._epoch = 0  # weight changes seen so far: each one drops the cache and keys entries anew
         self.unsupported_reason: str | None = model_unsupported_reason(model)
         self._model_kv: ModelKV | None = None
-        self._weights = _weights_dtype_device(model)
+        self._weights = weights_dtype_device(model)
         self.cache: PrefixCache | None = None
         fingerprint: bytes | None = None
         if self.unsupported_reason is None:
@@ -256,9 +266,9 @@ class CachedModel:
         """`model.to(...)`, returning the wrapper. If the weights' dtype or device changed, the
         cache starts afresh for them (as `wrap` would build it, from the same options): KV that
         the model computed before the move is not what it computes now."""
-        before = _weights_dtype_device(self.model)
+        before = weights_dtype_device(self.model)
         self.model.to(*args, **kwargs)
-        if _weights_dtype_device(self.model) != before:
+        if weights_dtype_device(self.model) != before:
             self._restart()
         return self
 
@@ -415,7 +425,7 @@ class CachedModel:
     def _generate_cached(self, plan: CallPlan, tenant: object = None) -> Any:
         cache, model_kv = self.cache, self._model_kv
         assert cache is not None and model_kv is not None
-        weights = _weights_dtype_device(self.model)
+        weights = weights_dtype_device(self.model)
         if weights != self._weights:
             # Cached KV was computed by the weights as they were; mixing it in would be silently wrong.
             raise RuntimeError(
@@ -435,17 +445,7 @@ class CachedModel:
         groups: list[ShareGroup] = []
         shared: list[list[LayerKV]] = []
         try:
-            matches = self._match_all(prompts, namespace, tenant)
-            if compute_once:
-                hits = [m.num_tokens for m in matches]
-                todo = prefixes_to_compute(trie, hits)
-                if todo and prefill_saved(trie, lengths, hits, todo, expand) > 0:
-                    # Compute each shared prefix once, store it, then look the rows up again: they
-                    # hit it like a prefix an earlier call stored (the same prefill KV).
-                    self._release_all(matches)
-                    matches = []
-                    self._compute_prefixes([prompts[row][:n] for row, n in todo], namespace, tenant)
-                    matches = self._match_all(prompts, namespace, tenant)
+            matches = self._match_sharing(prompts, lengths, trie, expand, compute_once, namespace, tenant)
             layout = plan_layout(width, lengths, [m.num_tokens for m in matches])
             if hold_once:
                 groups = share_groups(
@@ -500,6 +500,32 @@ class CachedModel:
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self._insert(plan, layout, prompts, sequences, past, namespace, tenant)
         return out
+
+    def _match_sharing(
+        self,
+        prompts: Sequence[list[int]],
+        lengths: Sequence[int],
+        trie: BlockTrie,
+        expand: int,
+        compute_once: bool,
+        namespace: object,
+        tenant: object,
+    ) -> list[PrefixMatch]:
+        """`_match_all`, after computing once the prefixes the rows share (when `compute_once` and
+        that lowers the batch's prefill positions, `lengths[i]` being row i's input length).
+
+        Each such prefix is stored and the rows are looked up again: they hit it like a prefix an
+        earlier call stored (the same prefill KV). The caller releases the matches returned.
+        """
+        matches = self._match_all(prompts, namespace, tenant)
+        if compute_once:
+            hits = [m.num_tokens for m in matches]
+            todo = prefixes_to_compute(trie, hits)
+            if todo and prefill_saved(trie, lengths, hits, todo, expand) > 0:
+                self._release_all(matches)
+                self._compute_prefixes([prompts[row][:n] for row, n in todo], namespace, tenant)
+                matches = self._match_all(prompts, namespace, tenant)
+        return matches
 
     def _match_all(self, prompts: Sequence[list[int]], namespace: object, tenant: object) -> list[PrefixMatch]:
         """Each prompt's longest cached prefix, at most len - 1 tokens (generate must compute at
@@ -630,11 +656,6 @@ class CachedModel:
             self._uncached_calls += int(uncached)
             self._prompt_tokens += prompt_tokens
             self._reused_tokens += reused_tokens
-
-
-def _weights_dtype_device(model: Any) -> tuple[torch.dtype, torch.device] | None:
-    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return None if param is None else (param.dtype, param.device)
 
 
 def _decode_kv_is_exact(dtype: torch.dtype, device: torch.device | str) -> bool:
