@@ -34,8 +34,8 @@ import redis
 import torch
 
 from radixkv import KVSpec, PrefixCache, RedisOptions
-from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
-from radixkv.redis_tier import RedisTier
+from radixkv.core.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from radixkv.tiers.redis import RedisTier
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")

@@ -23,8 +23,8 @@ import torch
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import DynamicLayer
 
-from radixkv import KVSpec
-from radixkv.pool import LayerKV
+from radixkv.core.pool import LayerKV
+from radixkv.core.spec import KVSpec
 
 from ._hf_layout import BatchLayout
 

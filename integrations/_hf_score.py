@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixkv import PrefixMatch
-from radixkv.hashing import namespace_key
+from radixkv.cache import PrefixMatch
+from radixkv.core.hashing import namespace_key
 
 from ._hf_kv import CACHE_KWARG, LayerKV, build_past, row_kv, weights_dtype_device
 from ._hf_layout import plan_layout

@@ -40,8 +40,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from radixkv import KVSpec
-from radixkv.pool import LayerKV
+from radixkv.core.pool import LayerKV
+from radixkv.core.spec import KVSpec
 
 __all__ = ["ATTENTION_NAME", "SharedPrefixCache", "SharedPrefixLayer", "shared_attention"]
 

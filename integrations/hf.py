@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from radixkv import KVSpec, PrefixCache, PrefixMatch
-from radixkv.cache import CacheOptions
-from radixkv.hashing import namespace_key
+from radixkv.cache import CacheOptions, PrefixCache, PrefixMatch
+from radixkv.core.hashing import namespace_key
+from radixkv.core.spec import KVSpec
 
 from ._hf_fingerprint import model_fingerprint
 from ._hf_kv import (

@@ -1,27 +1,38 @@
 """radixkv: a radix-tree prefix cache for transformer KV, with a paged, preallocated pool.
 
-The core (this package) depends on torch, sortedcontainers and xxhash only. Framework
-adapters live in `radixkv.integrations` and are imported lazily.
+The public API is what this module exports. The package is layered, dependencies pointing one
+way: `radixkv.core` (KV layout, hashing, block pool, quantisation, radix tree, the policy
+interface) imports nothing else of radixkv; `radixkv.eviction` (the policies) and
+`radixkv.tiers` (host, disk and Redis tiers) import only the core; `radixkv.cache`
+(PrefixCache, the facade) brings the three together. `radixkv.planner` is the memory planner.
+The library depends on torch, sortedcontainers and xxhash only. Framework adapters live in
+`radixkv.integrations` and are imported lazily.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .cache import CacheStats, NamespaceStats, PrefixCache, PrefixMatch
-from .policies import DEFAULT_EVICTION, POLICIES
-from .policy import EvictionPolicy
-from .redis_tier import RedisOptions, RedisStats, SharedTierError
-from .spec import KVSpec
+from .cache import CacheOptions, CacheStats, NamespaceStats, PrefixCache, PrefixMatch
+from .core.policy import EvictionPolicy
+from .core.quant import KV_DTYPES, KVQuantizer, kv_bytes_per_token, make_quantizer
+from .core.spec import KVSpec
+from .eviction.policies import DEFAULT_EVICTION, POLICIES
+from .tiers.disk import TierWarning
+from .tiers.redis import RedisOptions, RedisStats, SharedTierError
+from .tiers.tiers import TierStats
 
 if TYPE_CHECKING:
     from .integrations.hf import CachedModel
 
 __all__ = [
     "DEFAULT_EVICTION",
+    "KV_DTYPES",
     "POLICIES",
+    "CacheOptions",
     "CacheStats",
     "EvictionPolicy",
+    "KVQuantizer",
     "KVSpec",
     "NamespaceStats",
     "PrefixCache",
@@ -29,6 +40,10 @@ __all__ = [
     "RedisOptions",
     "RedisStats",
     "SharedTierError",
+    "TierStats",
+    "TierWarning",
+    "kv_bytes_per_token",
+    "make_quantizer",
     "wrap",
 ]
 __version__ = "0.1.0"

@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
-from .blocks import BlockAllocator
-from .hashing import chain_hashes, namespace_key, pack_tokens, root_hash
-from .policies import DEFAULT_EVICTION, make_policy
-from .policy import EvictionPolicy
-from .pool import KVPool, LayerKV
-from .quant import KVQuantizer, kv_bytes_per_token, make_quantizer
-from .spec import KVSpec
-from .tiers import CacheSide, Tiers, TierStats
-from .tokens import TokenIds, as_token_list
-from .tree import Hold, Node, RadixTree, Tenant
+from .core.blocks import BlockAllocator
+from .core.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from .core.policy import EvictionPolicy
+from .core.pool import KVPool, LayerKV
+from .core.quant import KVQuantizer, kv_bytes_per_token, make_quantizer
+from .core.spec import KVSpec
+from .core.tokens import TokenIds, as_token_list
+from .core.tree import Hold, Node, RadixTree, Tenant
+from .eviction.policies import DEFAULT_EVICTION, make_policy
+from .tiers.tiers import CacheSide, Tiers, TierStats
 
 if TYPE_CHECKING:
-    from .redis_tier import RedisOptions, RedisStats, RedisTier
+    from .tiers.redis import RedisOptions, RedisStats, RedisTier
 
 
 class CacheOptions(TypedDict, total=False):
@@ -178,7 +178,7 @@ class PrefixCache:
         under memory pressure it evicts unlocked leaves by the policy, and when nothing more can
         go it stores the prefix that fits and returns that count (never raises for lack of room).
       - `kv_dtype` None (default) stores KV exactly: gather returns the inserted values bit for bit.
-        "int8" / "int4" store it quantised (radixkv.quant.KVQuantizer: per token and head,
+        "int8" / "int4" store it quantised (radixkv.core.quant.KVQuantizer: per token and head,
         scales included, about 1.9x / 3.6x the float16 tokens in the same bytes); gather then
         returns approximations in the spec's dtype, and models reusing them give slightly
         different outputs than without the cache. The lower and shared tiers then keep the
@@ -193,7 +193,7 @@ class PrefixCache:
         alone, so a restart may switch between the two.
       - `eviction` orders the evictable leaves: a name in POLICIES or an EvictionPolicy instance.
         The default, DEFAULT_EVICTION ("adaptive"), is LRU, taking the learned reuse order only
-        while a sampled miniature replay shows it winning (radixkv.adaptive.Adaptive).
+        while a sampled miniature replay shows it winning (radixkv.eviction.adaptive.Adaptive).
       - Entries in different namespaces never share nodes or blocks.
       - `shares={tenant: fraction}` guarantees each listed tenant that fraction of the blocks;
         unlisted tenants share the rest. Under pressure, blocks go first from tenants above their
@@ -304,7 +304,7 @@ class PrefixCache:
         self._live: dict[int, PrefixMatch] = {}
         self._writes: dict[int, _Write] = {}  # inserts copying KV outside the lock, by id
         self._next_match = 0
-        self._tiers: Tiers | None = None
+        self._tiers: Tiers[PrefixMatch] | None = None
         if host_blocks or disk_path is not None:
             side = CacheSide(self._lock, self._pool, self._tree.peek, self._promote, self._take_match)
             self._tiers = Tiers(side, host_blocks, disk_path, disk_capacity_bytes)
@@ -824,7 +824,7 @@ def _make_shared(
     shared: object, shared_model: object, spec: KVSpec, block_size: int, quantizer: KVQuantizer | None
 ) -> RedisTier:
     """Validate the shared-tier arguments and connect (SharedTierError on a refused password)."""
-    from .redis_tier import RedisOptions, RedisTier
+    from .tiers.redis import RedisOptions, RedisTier
 
     if isinstance(shared, str):
         options = RedisOptions(shared)

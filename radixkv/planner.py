@@ -224,7 +224,7 @@ def quantized_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
 
     Per token, layer, K/V and KV head: "int8" stores head_dim codes of 1 byte and one float16
     scale; "int4" head_dim / 2 bytes of packed codes and two float16 numbers (scale and minimum).
-    (The format is radixkv.quant's; tests check that the two agree.)
+    (The format is radixkv.core.quant's; tests check that the two agree.)
     """
     per_head = {"int8": shape.head_dim + 2, "int4": shape.head_dim // 2 + 4}
     if kv_dtype not in per_head:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from radixkv import EvictionPolicy, KVSpec, PrefixCache, PrefixMatch
-from radixkv.hashing import namespace_key
+from radixkv.core.hashing import namespace_key
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
 

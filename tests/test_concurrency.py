@@ -11,7 +11,7 @@ import torch
 from kvutil import fingerprint, kv_for, make_cache, run_threads
 
 from radixkv import PrefixCache
-from radixkv.pool import KVPool
+from radixkv.core.pool import KVPool
 
 BS = 4
 WAIT = 10.0  # seconds a blocked copy waits before giving up: a regression fails, never hangs

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from radixkv import KVSpec
-from radixkv.disk_tier import SUFFIX, DiskTier, TierWarning
-from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from radixkv.core.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from radixkv.tiers.disk import SUFFIX, DiskTier, TierWarning
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
 BS = 4
@@ -209,7 +209,7 @@ _WRITER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_disk_tier import run_of, NS, tier
     from pathlib import Path
-    import radixkv.disk_tier as dt
+    import radixkv.tiers.disk as dt
     path = Path({path!r})
     toks = list(range(4000, 4064))
     parent, hashes, blocks = run_of(toks)

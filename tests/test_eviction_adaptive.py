@@ -9,7 +9,7 @@ import pytest
 from kvutil import SPEC, blocks_cache, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import POLICIES, PrefixCache
-from radixkv.adaptive import Adaptive
+from radixkv.eviction.adaptive import Adaptive
 
 BS = 4
 
@@ -123,8 +123,8 @@ def test_the_learned_miniature_evicts_exactly_the_smallest_key(offsets_kind: str
     counts and hit counter must still equal a brute-force minimum search at every step, with
     offsets that tie keys (zero), only raise them on a hit (rising), lower them (falling: a hit
     that lowers the key must still be found) or mix both."""
-    from radixkv.adaptive import _MiniReuse
-    from radixkv.reuse_odds import ReuseOdds
+    from radixkv.eviction.adaptive import _MiniReuse
+    from radixkv.eviction.reuse_odds import ReuseOdds
 
     rng = random.Random(7)
     learner = ReuseOdds(max_count=6)

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from kvutil import SPEC, blocks_cache, cached_prefixes, kv_for, prefixes_of, random_operations, serve
 
 from radixkv import DEFAULT_EVICTION, POLICIES, PrefixCache
-from radixkv.ghost import EvictedRuns, checkpoints
-from radixkv.reuse_odds import ReuseOdds, _exponential_mean, _observed_mean
-from radixkv.tree import Node
+from radixkv.core.tree import Node
+from radixkv.eviction.ghost import EvictedRuns, checkpoints
+from radixkv.eviction.reuse_odds import ReuseOdds, _exponential_mean, _observed_mean
 
 BS = 4
 

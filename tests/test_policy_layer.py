@@ -1,5 +1,5 @@
-"""The policy layer: one interface (radixkv/policy.py), one registry (radixkv/policies.py), and
-no import cycle among the core's modules."""
+"""The policy layer: one interface (radixkv/core/policy.py), one registry (radixkv/eviction/policies.py),
+and no import cycle among the library's modules (tests/test_architecture.py checks the layers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 import radixkv
-from radixkv.policies import DEFAULT_EVICTION, POLICIES, make_policy
-from radixkv.policy import EvictionPolicy
+from radixkv.core.policy import EvictionPolicy
+from radixkv.eviction.policies import DEFAULT_EVICTION, POLICIES, make_policy
 
 CORE = Path(radixkv.__file__).parent
 HOOKS = ("bind", "key", "segments", "on_attach", "on_hit", "on_evict", "on_clear", "check")
@@ -17,19 +17,20 @@ HOOKS = ("bind", "key", "segments", "on_attach", "on_hit", "on_evict", "on_clear
 def _core_imports() -> dict[str, set[str]]:
     """Module -> core modules it imports at run time (TYPE_CHECKING blocks excluded)."""
     graph: dict[str, set[str]] = {}
-    for path in CORE.glob("*.py"):
+    modules = [p for p in CORE.rglob("*.py") if p.stem != "__init__"]
+    for path in modules:
         tree = ast.parse(path.read_text())
         deps: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
                 node.body = []  # type-only imports never run
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
                 if node.module:
-                    deps.add(node.module.split(".")[0])
+                    deps.add(node.module.split(".")[-1])
                 else:
                     deps.update(a.name for a in node.names)
-        graph[path.stem] = deps & {p.stem for p in CORE.glob("*.py")}
+        graph[path.stem] = deps & {p.stem for p in modules}
     return graph
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixkv.pool import index_copy_rows
+from radixkv.core.pool import index_copy_rows
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:

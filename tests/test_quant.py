@@ -7,7 +7,7 @@ import torch
 from kvutil import SPEC, kv_for
 
 from radixkv import KVSpec, PrefixCache
-from radixkv.quant import KVQuantizer, kv_bytes_per_token, make_quantizer
+from radixkv.core.quant import KVQuantizer, kv_bytes_per_token, make_quantizer
 
 # A realistic head (SmolLM2 / Llama-3.2-1B: head_dim 64), small enough for milliseconds.
 REAL = KVSpec(num_layers=3, num_kv_heads=3, head_dim=64, dtype=torch.float32)

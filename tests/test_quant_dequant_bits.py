@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from radixkv import KVSpec
-from radixkv import pool as pool_module
-from radixkv import quant as quant_module
-from radixkv.pool import KVPool
-from radixkv.quant import KVQuantizer
+from radixkv.core import pool as pool_module
+from radixkv.core import quant as quant_module
+from radixkv.core.pool import KVPool
+from radixkv.core.quant import KVQuantizer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIM = 64

@@ -13,11 +13,12 @@ import pytest
 import torch
 from radixkv.benchmarks.shared import RedisServer
 
-from radixkv import KVSpec, PrefixCache, RedisOptions, kv_codec
-from radixkv import quant as quant_module
-from radixkv.disk_tier import TierWarning
-from radixkv.kv_codec import FIXED, SpecFingerprint, encode_header
-from radixkv.quant import KVQuantizer
+from radixkv import KVSpec, PrefixCache, RedisOptions
+from radixkv.core import quant as quant_module
+from radixkv.core.quant import KVQuantizer
+from radixkv.tiers import codec as kv_codec
+from radixkv.tiers.codec import FIXED, SpecFingerprint, encode_header
+from radixkv.tiers.disk import TierWarning
 
 BS = 4
 # head_dim 8: int4 packs it into 4 bytes; float32 so any change of a bit shows.

@@ -14,7 +14,7 @@ from radixkv.benchmarks.shared import RedisServer
 
 import radixkv
 from radixkv import SharedTierError
-from radixkv.disk_tier import TierWarning
+from radixkv.tiers.disk import TierWarning
 
 _REPLICA = """
 import json, torch, radixkv

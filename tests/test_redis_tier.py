@@ -21,10 +21,10 @@ from kvutil import SPEC, kv_for
 from radixkv.benchmarks.shared import RedisCluster, RedisServer, free_port
 
 from radixkv import KVSpec, PrefixCache, RedisOptions, SharedTierError
-from radixkv.disk_tier import TierWarning
-from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
-from radixkv.kv_codec import SpecFingerprint
-from radixkv.redis_tier import RedisTier, model_id, shared_key
+from radixkv.core.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+from radixkv.tiers.codec import SpecFingerprint
+from radixkv.tiers.disk import TierWarning
+from radixkv.tiers.redis import RedisTier, model_id, shared_key
 
 BS = 4
 TESTS = Path(__file__).parent
@@ -92,8 +92,8 @@ def test_keys_name_everything_that_makes_kv_valid_and_are_equal_across_processes
     ]
     assert len({base, *others}) == 7
     code = (
-        "import torch; from radixkv.redis_tier import shared_key, model_id; from radixkv.kv_codec import "
-        "SpecFingerprint; from radixkv import KVSpec; from radixkv.hashing import namespace_key, chain_hashes, "
+        "import torch; from radixkv.tiers.redis import shared_key, model_id; from radixkv.tiers.codec import "
+        "SpecFingerprint; from radixkv import KVSpec; from radixkv.core.hashing import namespace_key, chain_hashes, "
         "pack_tokens, root_hash; ns = namespace_key(('tenant', 1)); "
         "h = chain_hashes(root_hash(ns), pack_tokens(list(range(8))), 4)[-1]; "
         "print(shared_key(model_id('m'), SpecFingerprint.of(KVSpec(2, 2, 4, torch.float32), 4), ns, h))"
@@ -224,7 +224,7 @@ def test_a_second_cache_reads_what_the_first_inserted(server: RedisServer) -> No
 def test_a_continuation_under_min_tokens_is_recomputed_not_fetched(server: RedisServer) -> None:
     """With the default `min_tokens`, a Redis continuation one block short of it is left to
     recompute (no round trip), and one of exactly `min_tokens` is fetched."""
-    from radixkv.redis_tier import MIN_SHARED_LOAD_TOKENS as MIN
+    from radixkv.tiers.redis import MIN_SHARED_LOAD_TOKENS as MIN
 
     assert MIN % BS == 0 and MIN > BS
     short, enough = list(range(2000, 2000 + MIN - BS)), list(range(3000, 3000 + MIN))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from kvutil import cached_prefixes, kv_for, make_cache, run_threads
 
-from radixkv.pool import KVPool
+from radixkv.core.pool import KVPool
 
 
 def test_eight_threads_sharing_one_cache_get_correct_kv_and_leave_no_lock() -> None:

@@ -9,7 +9,7 @@ import torch
 from kvutil import cached_prefixes, kv_for, make_cache
 
 from radixkv import POLICIES, PrefixMatch
-from radixkv.hashing import namespace_key
+from radixkv.core.hashing import namespace_key
 
 BS = 4
 NAMESPACES: list[object] = [None, "tenant-a", ("lora", 7)]

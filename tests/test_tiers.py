@@ -14,7 +14,7 @@ import torch
 from kvutil import SPEC, kv_for
 
 from radixkv import PrefixCache
-from radixkv.disk_tier import SUFFIX, DiskTier, TierWarning
+from radixkv.tiers.disk import SUFFIX, DiskTier, TierWarning
 
 BS = 4
 
@@ -314,7 +314,7 @@ def test_full_disk_turns_the_tier_off_and_serving_goes_on(tmp_path: Path, monkey
     def enospc(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("radixkv.disk_tier.open", enospc, raising=False)
+    monkeypatch.setattr("radixkv.tiers.disk.open", enospc, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(4):
@@ -328,8 +328,8 @@ def test_full_disk_turns_the_tier_off_and_serving_goes_on(tmp_path: Path, monkey
 def test_host_tier_lru_overflow_and_verification() -> None:
     """The host tier evicts least recently used runs, sends the part of a run larger than itself
     on at once, and counts a block only when namespace, chain and tokens all agree."""
-    from radixkv.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
-    from radixkv.host_tier import HostTier
+    from radixkv.core.hashing import chain_hashes, namespace_key, pack_tokens, root_hash
+    from radixkv.tiers.host import HostTier
 
     ns = namespace_key(None)
     host = HostTier(SPEC, BS, 4, pin=False)

@@ -38,13 +38,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from .policy import EvictionPolicy
+from ..core.policy import EvictionPolicy, NodeView
 from .reuse_odds import ReuseOdds
-
-if TYPE_CHECKING:
-    from .tree import Node
 
 _SPACE = 1 << 16  # the sample is the hashes whose low 16 bits are below rate * _SPACE
 
@@ -203,23 +200,23 @@ class Adaptive(EvictionPolicy):
         self._stored = 0
 
     # ----- the ordering ------------------------------------------------------------------
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return self.learner.key(node) if self.learned else node.last_access
 
     # ----- events ------------------------------------------------------------------------
     def segments(self, new_hashes: list[int]) -> list[int]:
         return self.learner.segments(new_hashes)
 
-    def on_attach(self, node: Node, now: int) -> None:
+    def on_attach(self, node: NodeView, now: int) -> None:
         self.learner.on_attach(node, now)
         self._stored += len(node.block_hashes)
         self._replay(node.block_hashes, now)
 
-    def on_hit(self, node: Node, now: int) -> None:
+    def on_hit(self, node: NodeView, now: int) -> None:
         self.learner.on_hit(node, now)
         self._replay(node.block_hashes, now)
 
-    def on_evict(self, node: Node, block_hashes: list[int], now: int) -> None:
+    def on_evict(self, node: NodeView, block_hashes: list[int], now: int) -> None:
         self.learner.on_evict(node, block_hashes, now)
 
     def on_clear(self) -> None:

@@ -6,9 +6,9 @@ one, subclass it and list the class in POLICIES; nothing else imports a policy b
 
 from __future__ import annotations
 
+from ..core.policy import EvictionPolicy
 from .adaptive import Adaptive
 from .eviction import FIFO, LFU, LRU, Priority
-from .policy import EvictionPolicy
 from .reuse_odds import ReuseOdds
 
 __all__ = ["DEFAULT_EVICTION", "POLICIES", "make_policy"]

@@ -13,16 +13,28 @@ ticks), `hits` (matches that used the node), `priority` (the highest any insert 
 `block_hashes`; `policy_state` is the policy's own per-node slot (None until it sets it; both
 halves of a split keep it).
 
-Policies are registered by name in `policies.py`; the simple ones are in `eviction.py`, the
-learned one in `reuse_odds.py`, the default in `adaptive.py`. This module imports none of them.
+Policies are registered by name in `radixkv/eviction/policies.py`; the simple ones are in
+`eviction.py`, the learned one in `reuse_odds.py`, the default in `adaptive.py` (all in
+`radixkv/eviction/`). This module imports none of them, nor the tree.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from .tree import Node
+
+class NodeView(Protocol):
+    """What a policy may see of a tree node (`core.tree.Node` has these and more): the statistics
+    above, the node's blocks, and `policy_state`, the one field a policy writes. Policies are typed
+    against this, not against `Node`, so that this module never imports the tree."""
+
+    block_ids: list[int]
+    block_hashes: list[int]
+    last_access: int
+    created: int
+    hits: int
+    priority: int
+    policy_state: object
 
 
 class EvictionPolicy:
@@ -38,7 +50,7 @@ class EvictionPolicy:
     def bind(self, capacity_blocks: int) -> None:
         """Called once by the cache, before any other hook, with its capacity in blocks. O(1)."""
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         """The leaf's eviction key, taken when it becomes evictable; smallest goes first. Keys of
         one policy must be mutually comparable. Called once per leaf entering the list: O(1)."""
         raise NotImplementedError
@@ -49,13 +61,13 @@ class EvictionPolicy:
         once per insert that stores blocks, before their `on_attach`. Default: one node."""
         return [len(new_hashes)]
 
-    def on_attach(self, node: Node, now: int) -> None:
+    def on_attach(self, node: NodeView, now: int) -> None:
         """Called for each node an insert adds (parents first), before the leaf's key is taken."""
 
-    def on_hit(self, node: Node, now: int) -> None:
+    def on_hit(self, node: NodeView, now: int) -> None:
         """Called for each node of a matched path, before its `hits` and `last_access` change."""
 
-    def on_evict(self, node: Node, block_hashes: list[int], now: int) -> None:
+    def on_evict(self, node: NodeView, block_hashes: list[int], now: int) -> None:
         """Called when blocks (`block_hashes`, the tail of `node`, or all of it) leave the tree by
         eviction (not by `clear`)."""
 

@@ -17,11 +17,11 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 import xxhash
 
-from .disk_tier import warn_once
-from .hashing import chain_hashes, namespace_key, pack_tokens
-from .kv_codec import BlockFormat, SpecFingerprint, decode_header, encode_header
-from .quant import KVQuantizer
-from .spec import KVSpec
+from ..core.hashing import chain_hashes, namespace_key, pack_tokens
+from ..core.quant import KVQuantizer
+from ..core.spec import KVSpec
+from .codec import BlockFormat, SpecFingerprint, decode_header, encode_header
+from .disk import warn_once
 
 KEY_PREFIX = "rkv1"
 """Start of every key; bumped with the value format, so two formats never read each other."""
@@ -123,7 +123,7 @@ class RedisTier:
     hash is the block's xxh3-64 chain hash. All are content hashes, equal in every process and
     machine (never Python's `hash`). No key needs another in the same slot, so on a Cluster they
     spread over all slots by their CRC16.
-    Values: a `radixkv.kv_codec` run of one block whose namespace field is the (model,
+    Values: a `radixkv.tiers.codec` run of one block whose namespace field is the (model,
     namespace) scope, then the block's `[L, 2, H, block_size, D]` payload.
 
     Contract:

@@ -6,12 +6,9 @@ O(1) per key, no state of their own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .policy import EvictionPolicy
-
-if TYPE_CHECKING:
-    from .tree import Node
+from ..core.policy import EvictionPolicy, NodeView
 
 
 class LRU(EvictionPolicy):
@@ -19,7 +16,7 @@ class LRU(EvictionPolicy):
 
     name = "lru"
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return node.last_access
 
 
@@ -28,7 +25,7 @@ class FIFO(EvictionPolicy):
 
     name = "fifo"
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return node.created
 
 
@@ -37,7 +34,7 @@ class LFU(EvictionPolicy):
 
     name = "lfu"
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return (node.hits, node.last_access)
 
 
@@ -46,5 +43,5 @@ class Priority(EvictionPolicy):
 
     name = "priority"
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return (node.priority, node.last_access)

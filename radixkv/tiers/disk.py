@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import xxhash
 
-from .hashing import chain_hashes
-from .kv_codec import (
+from ..core.hashing import chain_hashes
+from ..core.quant import KVQuantizer
+from .codec import (
     FIXED,
     FORMAT_VERSION,
     MAGIC,
@@ -30,10 +31,9 @@ from .kv_codec import (
     encode_header,
     rest_length,
 )
-from .quant import KVQuantizer
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "SUFFIX", "DiskTier", "SpecFingerprint", "TierWarning"]
-from .spec import KVSpec
+from ..core.spec import KVSpec
 
 SUFFIX = ".rkv"
 _TMP_PREFIX = ".tmp-"
@@ -87,7 +87,7 @@ class DiskStats:
 class DiskTier:
     """KV blocks on disk, as files each holding a run of consecutive blocks of one hash chain.
 
-    File format (`radixkv.kv_codec`, shared with the Redis tier; little endian): a fixed
+    File format (`radixkv.tiers.codec`, shared with the Redis tier; little endian): a fixed
     header (magic, format version, the spec fingerprint: layers, KV heads, head_dim, block size,
     dtype; namespace key length, block count, token width, the chain hash before the run, bytes
     per block), then the dtype name, the namespace key, the token ids (uint32 when they fit,

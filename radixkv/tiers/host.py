@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .pool import index_copy_rows
-from .spec import KVSpec
+from ..core.pool import index_copy_rows
+from ..core.spec import KVSpec
 
 
 @dataclass

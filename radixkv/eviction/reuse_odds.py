@@ -42,13 +42,10 @@ The tree's clock ticks once per `match` and once per `insert`, so D is in those 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from ..core.policy import EvictionPolicy, NodeView
 from .ghost import EvictedRun, EvictedRuns
-from .policy import EvictionPolicy
-
-if TYPE_CHECKING:
-    from .tree import Node
 
 
 class ReuseOdds(EvictionPolicy):
@@ -94,11 +91,11 @@ class ReuseOdds(EvictionPolicy):
         self._next_update = 0
 
     # ----- the ordering ------------------------------------------------------------------
-    def uses(self, node: Node) -> int:
+    def uses(self, node: NodeView) -> int:
         """Uses of the node's blocks: the insert, its matches, and uses remembered from before."""
         return node.hits + 1 + node.policy_state  # type: ignore[operator]
 
-    def key(self, node: Node) -> Any:
+    def key(self, node: NodeView) -> Any:
         return node.last_access + self.offsets[min(self.uses(node), self.max_count)]
 
     # ----- events ------------------------------------------------------------------------
@@ -121,7 +118,7 @@ class ReuseOdds(EvictionPolicy):
             sizes.append(n - i)
         return sizes
 
-    def on_attach(self, node: Node, now: int) -> None:
+    def on_attach(self, node: NodeView, now: int) -> None:
         nblocks = len(node.block_ids)
         run = self._pending.pop(node.block_hashes[0], None)
         extra = 0
@@ -132,7 +129,7 @@ class ReuseOdds(EvictionPolicy):
         self._reached(1 + extra, nblocks)
         self._maybe_update(now)
 
-    def on_hit(self, node: Node, now: int) -> None:
+    def on_hit(self, node: NodeView, now: int) -> None:
         # Runs for every node of every matched path: inlined `_reached` and `_observe_gap`.
         nblocks = len(node.block_ids)
         f = min(node.hits + 2 + node.policy_state, self.max_count + 1)  # type: ignore[operator]
@@ -143,7 +140,7 @@ class ReuseOdds(EvictionPolicy):
             self.gap_sum += nblocks * gap
             self.gap_weight += nblocks
 
-    def on_evict(self, node: Node, block_hashes: list[int], now: int) -> None:
+    def on_evict(self, node: NodeView, block_hashes: list[int], now: int) -> None:
         self.ghost.remember(block_hashes, self.uses(node), node.last_access, now)
         self._maybe_update(now)
 

@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 import xxhash
 
-from .quant import KVQuantizer
-from .spec import KVSpec
+from ..core.quant import KVQuantizer
+from ..core.spec import KVSpec
 
 MAGIC = b"RKVD"
 # 2: int4 codes pack channels 2j and 2j + 1 into byte j (1 packed j and j + head_dim / 2).

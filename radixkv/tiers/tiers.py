@@ -7,18 +7,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 import xxhash
 
-from .disk_tier import DiskTier
-from .host_tier import HostTier, Run
-from .pool import KVPool, LayerKV
+from ..core.pool import KVPool, LayerKV
+from .disk import DiskTier
+from .host import HostTier, Run
 
 if TYPE_CHECKING:
-    from .cache import PrefixMatch
-    from .tree import Node
+    from ..core.tree import Node
 
 MIN_HOST_LOAD_TOKENS = 1
 """A host hit of at least this many tokens is promoted (a memory copy beats any recompute)."""
@@ -26,6 +25,8 @@ MIN_DISK_LOAD_TOKENS = 16
 """A disk hit shorter than this is recomputed instead. Loading even 16 tokens beat recomputing
 them on the 100M-parameter models measured on a CPU (1.26x; 2-4x from 48 tokens); only a model
 whose forward takes a few ms (the tiny test preset) recomputed 16 tokens faster (0.78x)."""
+M = TypeVar("M")
+"""The cache's match type (PrefixCache's PrefixMatch); the tiers pass it through untouched."""
 _WAIT_SECONDS = 60.0  # a thread waiting on another's load of the same prefix gives up after this
 
 
@@ -57,7 +58,7 @@ class TierStats:
 
 
 @dataclass(frozen=True)
-class CacheSide:
+class CacheSide(Generic[M]):
     """The part of a PrefixCache that its Tiers use, and nothing more (the cache builds it).
 
     `lock`: the cache lock; the three calls below need it held. `pool`: the device pool, read
@@ -68,18 +69,19 @@ class CacheSide:
     `[start, start + len(hashes))` of `ids` with KV `blocks` (`read_blocks`'s layout) past what
     the device holds of them, evicting for the namespace's tenant; `missed`: blocks that did
     not fit (the pool full of locked blocks).
-    `take_match(ids, ns_key, namespace, host_tokens, disk_tokens) -> PrefixMatch`: the device
-    match, counted as the lookup, with the tokens the tiers promoted for it.
+    `take_match(ids, ns_key, namespace, host_tokens, disk_tokens) -> M`: the device match
+    (`M`: the cache's match type, PrefixMatch, which this package never imports), counted as the
+    lookup, with the tokens the tiers promoted for it.
     """
 
     lock: threading.RLock
     pool: KVPool
     peek: Callable[[bytes, list[int], int], tuple[int, int]]
     promote: Callable[[list[int], bytes, int, list[int], torch.Tensor], tuple[int, int]]
-    take_match: Callable[[list[int], bytes, object, int, int], PrefixMatch]
+    take_match: Callable[[list[int], bytes, object, int, int], M]
 
 
-class Tiers:
+class Tiers(Generic[M]):
     """The host and disk tiers of one PrefixCache, and the moves between them and the pool.
 
     Demotion (`demote`, called by the tree under the cache lock as blocks are evicted): the
@@ -98,7 +100,7 @@ class Tiers:
 
     def __init__(
         self,
-        cache: CacheSide,
+        cache: CacheSide[M],
         host_blocks: int,
         disk_path: str | PathLike[str] | None,
         disk_capacity_bytes: int | None,
@@ -247,7 +249,7 @@ class Tiers:
             self.host.evict_all()
 
     # ----- promotion -------------------------------------------------------------------
-    def match(self, ids: list[int], packed: object, ns_key: bytes, namespace: object) -> PrefixMatch:
+    def match(self, ids: list[int], packed: object, ns_key: bytes, namespace: object) -> M:
         """The cache's `match` with lower tiers: promote, then take the device match."""
         cache = self.cache
         bs = cache.pool.block_size
