@@ -3,7 +3,6 @@
 One module per concept:
 
 - `cli`: the `radixkv` command (`demo`, `bench WORKLOAD`, `bench trace`, `plan`).
-- `models`: every `--model` (presets with random weights, GGUF files such as SmolLM2, checkpoints).
 - `workloads`: what a model bench sends (conversations of token ids, synthetic and chat-template).
 - `methods`: the methods compared (generate, prompt-reuse, continuous batching, radixkv), the one
   `BenchSettings` of a run, and the interleaved request loop that serves a workload.
@@ -14,4 +13,7 @@ One module per concept:
 - `plan`: `radixkv plan`, the KV memory planner's report.
 - `figures`: single-figure model benchmarks (TTFT on a hit, per tier, quantised reuse).
 - `shared`: local Redis servers and the shared-tier figures.
+
+Every `--model` (presets with random weights, GGUF files such as SmolLM2, checkpoints) is loaded
+by `radixkv.integrations.models`, beside the adapter.
 """

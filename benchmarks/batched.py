@@ -41,6 +41,7 @@ from time import perf_counter
 from typing import Any
 
 import torch
+from radixkv.integrations.models import PRESETS, load_model
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
@@ -51,7 +52,6 @@ from .methods import (
     count_prefix_hits,
     greedy_config,
 )
-from .models import PRESETS, load_model
 from .report import batch_to_json, format_batch_table, plot_batch_methods
 from .runner import _describe, _model_info, machine_info, resolve_device
 from .workloads import RagBatchParams, RagBatchWorkload, Tokens, build_rag_batch

@@ -22,11 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from radixkv.integrations.models import PRESETS, MissingDependency
+
 from radixkv import DEFAULT_EVICTION, POLICIES
 
 from . import trace
 from .methods import DEFAULT_BATCH_METHODS, DEFAULT_METHODS, METHODS, BenchSettings
-from .models import PRESETS, MissingDependency
 from .workloads import RAG_BATCH_SMOKE, WORKLOADS, RagBatchParams
 
 

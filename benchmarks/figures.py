@@ -28,6 +28,7 @@ from time import perf_counter
 from typing import Any
 
 import torch
+from radixkv.integrations.models import SMOLLM2, load, load_model
 from transformers import DynamicCache
 
 import radixkv
@@ -35,7 +36,6 @@ from radixkv import KVSpec, PrefixCache
 
 from .batched import left_padded
 from .methods import METHODS, BenchSettings, MethodRun, run_interleaved
-from .models import SMOLLM2, load, load_model
 from .report import plot_real_model
 from .workloads import (
     ASSISTANT_QUESTIONS,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from radixkv.benchmarks.models import load
+from radixkv.integrations.models import load
 
 import radixkv
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 
+from radixkv.integrations.models import model_shape
+
 from radixkv.planner import (
     KVPlan,
     ModelShape,
@@ -16,8 +18,6 @@ from radixkv.planner import (
     quantized_bytes_per_token,
     shared_prefix_plan,
 )
-
-from .models import model_shape
 
 
 def plan_report(

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 import transformers
+from radixkv.integrations.models import PRESETS, load, load_model
 from transformers import PreTrainedModel
 
 from .methods import METHODS, BenchSettings, MethodRun, NotApplicable, SequentialMethod, greedy_config, run_interleaved
-from .models import PRESETS, load, load_model
 from .report import format_table, plot_methods, to_json
 from .workloads import (
     WORKLOADS,

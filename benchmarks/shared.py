@@ -195,9 +195,9 @@ def throughput(url: str, blocks: int, repeats: int) -> dict[str, float]:
 def ttft(url: str, model_name: str, prompt_tokens: int, repeats: int) -> dict[str, float]:
     """Time to first token (generate with max_new_tokens=1) on `model_name`: recompute, a hit
     fetched from Redis into an empty local cache, and a local hit; interleaved repeats."""
-    import radixkv
+    from radixkv.integrations.models import load_model
 
-    from .models import load_model
+    import radixkv
 
     model = load_model(model_name)
     cached = radixkv.wrap(model, capacity_tokens=4 * prompt_tokens, shared=url)
@@ -234,7 +234,7 @@ def ttft(url: str, model_name: str, prompt_tokens: int, repeats: int) -> dict[st
 
 _REPLICA = """
 import json, time, torch, radixkv
-from radixkv.benchmarks.models import load_model
+from radixkv.integrations.models import load_model
 model = load_model({model!r})
 cached = radixkv.wrap(model, capacity_tokens=8192, shared={url!r})
 prompt = torch.randint(100, 30_000, (1, {n}), generator=torch.Generator().manual_seed(5))

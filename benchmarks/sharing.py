@@ -27,13 +27,13 @@ from time import perf_counter
 from typing import Any
 
 import torch
+from radixkv.integrations.models import load
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.generation.streamers import BaseStreamer
 
 import radixkv
 
 from .batched import left_padded
-from .models import load
 
 
 class StepTimer(BaseStreamer):

