@@ -1,8 +1,8 @@
-"""radixkv's benchmarks and the `radixkv` command (installed as `radixkv.benchmarks`, needs the `hf` extra).
+"""radixkv's benchmarks (installed as `radixkv.benchmarks`, needs the `hf` extra); the `radixkv` command
+that runs them is `radixkv.cli`.
 
 One module per concept:
 
-- `cli`: the `radixkv` command (`demo`, `bench WORKLOAD`, `bench trace`, `plan`).
 - `workloads`: what a model bench sends (conversations of token ids, synthetic and chat-template).
 - `methods`: the methods compared (generate, prompt-reuse, continuous batching, radixkv), the one
   `BenchSettings` of a run, and the interleaved request loop that serves a workload.

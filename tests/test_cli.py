@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from radixkv.benchmarks.cli import main
 from radixkv.benchmarks.figures import ttft_side_by_side
 from radixkv.benchmarks.methods import BenchSettings
 from radixkv.benchmarks.trace import TINY_SPEC, find_trace, load_trace, optimum_hit_tokens, replay
@@ -21,6 +20,7 @@ from radixkv.benchmarks.workloads import WORKLOADS, best_hit_tokens
 from radixkv.integrations.models import load_model
 
 from radixkv import DEFAULT_EVICTION, PrefixCache
+from radixkv.cli import main
 
 BLOCK = 16
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from radixkv.benchmarks.cli import main
+from radixkv.integrations.models import PRESETS, config_shape, model_shape
 
+from radixkv.cli import main
 from radixkv.planner import (
     KVPlan,
     ModelShape,
@@ -258,3 +261,56 @@ def test_plan_command_bad_shared_prefix_exits_2_naming_it(prefix: str, capsys: p
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--shared-prefix" in err and "--context (4,096)" in err
+
+
+_NO_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None  # any import of transformers now raises ImportError
+{body}
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "matplotlib") and sys.modules[m])
+assert not leaked, leaked
+"""
+
+
+def _run_without_transformers(body: str) -> str:
+    code = _NO_TRANSFORMERS.format(body=body)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_plan_command_runs_without_transformers() -> None:
+    """`radixkv plan` on a preset imports neither transformers nor matplotlib."""
+    out = _run_without_transformers(
+        "from radixkv.cli import main\n"
+        "assert main(['plan', '--model', 'llama-2-7b', '--memory', '80GiB', '--context', '4096']) == 0"
+    )
+    assert "524,288" in out or "512" in out, out
+
+
+def test_python_dash_m_radixkv_is_the_command() -> None:
+    out = _run_without_transformers(
+        "import runpy\n"
+        "sys.argv = ['radixkv', 'plan', '--model', 'llama-3-8b', '--json']\n"
+        "try:\n"
+        "    runpy.run_module('radixkv', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+    )
+    assert json.loads(out)["model"]["num_layers"] == 32
+
+
+def test_plan_without_transformers_on_a_config_names_the_extra(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _run_without_transformers(
+        "import pytest\n"
+        "from radixkv.integrations.models import MissingDependency, model_shape\n"
+        f"with pytest.raises(MissingDependency, match=r'radixkv\\[hf\\]'):\n"
+        f"    model_shape({str(tmp_path)!r})\n"
+    )
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_presets_shape_without_transformers_equals_the_built_models(preset: str) -> None:
+    """The arithmetic shape of a preset (what `radixkv plan` uses) is the one transformers' config gives."""
+    assert model_shape(preset) == config_shape(preset, PRESETS[preset].make_config())

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from radixkv.benchmarks.cli import main
 from radixkv.benchmarks.workloads import RAG_BATCH_SMOKE, RagBatchParams, build_rag_batch, distinct_prefix_tokens
+
+from radixkv.cli import main
 
 BLOCK = 16
 

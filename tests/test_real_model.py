@@ -198,7 +198,7 @@ def test_streamer_streams_the_same_text(lm: Any, cached: Any) -> None:
 def test_plan_reads_the_gguf_file_and_its_folder(lm: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """`radixkv plan` on smollm2, its GGUF file and the folder holding it: 30 layers, 3 KV heads of 64,
     2 x 30 x 3 x 64 x 2 B = 23,040 B per float16 token."""
-    from radixkv.benchmarks.cli import main
+    from radixkv.cli import main
 
     assert lm.path is not None and lm.path.suffix == ".gguf"
     for spec in ("smollm2", str(lm.path), str(lm.path.parent)):

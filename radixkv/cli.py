@@ -11,7 +11,12 @@
 Flags become one `BenchSettings` (model benches and the demo) or go to the trace sweep and the
 planner as they are. Bad arguments exit with status 2 and a message naming the argument. The
 single figures of the README have their own entry points: `python -m radixkv.benchmarks.trace`,
-`.figures`, `.shared` and `.generalize`.
+`.figures`, `.shared` and `.generalize`. `python -m radixkv` is this command too.
+
+Each subcommand imports what it needs when it runs (the benchmarks in `radixkv.benchmarks`, the
+model loader in `radixkv.integrations.models`): `radixkv plan` on a preset needs neither
+transformers nor the benchmarks' other dependencies; the flags of `demo` and `bench`, which
+list methods and presets, are only built when one of them is asked for.
 """
 
 from __future__ import annotations
@@ -21,19 +26,21 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from radixkv.integrations.models import PRESETS, MissingDependency
+from .eviction.policies import DEFAULT_EVICTION, POLICIES
 
-from radixkv import DEFAULT_EVICTION, POLICIES
+if TYPE_CHECKING:
+    from .benchmarks.methods import BenchSettings
 
-from . import trace
-from .methods import DEFAULT_BATCH_METHODS, DEFAULT_METHODS, METHODS, BenchSettings
-from .workloads import RAG_BATCH_SMOKE, WORKLOADS, RagBatchParams
+_COMMANDS = ("demo", "bench", "plan")
 
 
-def _add_model_flags(
-    p: argparse.ArgumentParser, default_model: str = "tiny", methods: Sequence[str] = DEFAULT_METHODS
-) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, default_model: str = "tiny", methods: Sequence[str] = ()) -> None:
+    from .benchmarks.methods import DEFAULT_METHODS, METHODS
+    from .integrations.models import PRESETS
+
+    methods = methods or DEFAULT_METHODS
     runnable = ", ".join(n for n, s in PRESETS.items() if s.runnable)
     p.add_argument(
         "--model",
@@ -84,8 +91,9 @@ def _add_params_flags(p: argparse.ArgumentParser, params_cls: type) -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny size that runs in seconds (tests); overrides sizes")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of the `radixkv` command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree of the `radixkv` command; the flags of `demo` and `bench` (which import the
+    benchmarks and transformers) only when `command` is one of them."""
     parser = argparse.ArgumentParser(prog="radixkv", description="radixkv benchmarks and KV memory planner")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -94,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a real chat model (SmolLM2-135M-Instruct): assistant, 4-turn chat and RAG, every method "
         "(a few minutes on 2 cores; --model tiny: the synthetic system-prompt workload, ~1 min)",
     )
+    bench = sub.add_parser("bench", help="run one workload; writes results.json and PNG plots to --out")
+    if command == "demo":
+        _add_demo_flags(demo)
+    elif command == "bench":
+        _add_bench_flags(bench)
+    _add_plan_flags(sub.add_parser("plan", help="KV cache memory planner"))
+    return parser
+
+
+def _add_demo_flags(demo: argparse.ArgumentParser) -> None:
     _add_model_flags(demo, default_model="smollm2")
     demo.set_defaults(capacity_tokens=None)
     demo.add_argument(
@@ -101,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=None, help="also write results.json, table.md and methods.png here")
 
-    bench = sub.add_parser("bench", help="run one workload; writes results.json and PNG plots to --out")
+
+def _add_bench_flags(bench: argparse.ArgumentParser) -> None:
+    from .benchmarks import trace
+    from .benchmarks.methods import DEFAULT_BATCH_METHODS
+    from .benchmarks.workloads import WORKLOADS, RagBatchParams
+
     wl = bench.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     for name, spec in WORKLOADS.items():
         w = wl.add_parser(name, help=spec.summary)
@@ -119,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = wl.add_parser("trace", help="replay the Mooncake trace through the cache alone: hit rate vs capacity")
     trace.add_sweep_flags(t)
 
-    plan = sub.add_parser("plan", help="KV cache memory planner")
+
+def _add_plan_flags(plan: argparse.ArgumentParser) -> None:
+    from .integrations.models import PRESETS
+
     plan.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}), config path, or hub id")
     plan.add_argument("--dtype", default="float16", help="weights dtype (default: float16)")
     plan.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: --dtype)")
@@ -133,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens every sequence starts with, held once: adds the row of how many sequences then fit",
     )
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
-    return parser
 
 
 _SETTINGS_FLAGS = ("model", "device", "dtype", "capacity_tokens", "block_size", "eviction", "seed", "out", "threads")
@@ -141,6 +166,8 @@ _SETTINGS_FLAGS = ("model", "device", "dtype", "capacity_tokens", "block_size", 
 
 def _settings(args: argparse.Namespace) -> BenchSettings:
     """The run's one settings object, from the model flags (ValueError naming a bad one)."""
+    from .benchmarks.methods import BenchSettings
+
     return BenchSettings(
         **{name: getattr(args, name) for name in _SETTINGS_FLAGS},
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -151,24 +178,28 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
 
 def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "plan":
-        from .plan import plan_report
+        from .benchmarks.plan import plan_report
 
         flags = ("model", "dtype", "kv_dtype", "memory", "context", "params", "shared_prefix")
         print(plan_report(**{name: getattr(args, name) for name in flags}, as_json=args.json))
     elif args.command == "demo":
-        from .runner import run_demo
+        from .benchmarks.runner import run_demo
 
         run_demo(_settings(args))
     elif args.workload == "trace":
+        from .benchmarks import trace
+
         trace.run_trace_sweep(args)
     elif args.workload == "rag-batch":
-        from .batched import run_rag_batch
+        from .benchmarks.batched import run_rag_batch
+        from .benchmarks.workloads import RAG_BATCH_SMOKE, RagBatchParams
 
         fields = dataclasses.fields(RagBatchParams)
         params = RAG_BATCH_SMOKE if args.smoke else RagBatchParams(**{f.name: getattr(args, f.name) for f in fields})
         run_rag_batch(params, _settings(args))
     else:
-        from .runner import run_model_bench
+        from .benchmarks.runner import run_model_bench
+        from .benchmarks.workloads import WORKLOADS
 
         spec = WORKLOADS[args.workload]
         if args.smoke:
@@ -180,7 +211,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `radixkv` console script; returns the exit status."""
-    parser = build_parser()
+    from .integrations.models import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in _COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         _dispatch(args)
