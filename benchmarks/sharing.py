@@ -1,4 +1,4 @@
-"""Sharing inside one `generate` call: the figures of the README's "Sharing inside a call" section.
+"""Sharing inside one `generate` call: the figures of docs/guide/sharing.md.
 
     python -m radixkv.benchmarks.sharing cold-batch            # 8 questions over one new document
     python -m radixkv.benchmarks.sharing decode                # SmolLM2, 16 rows x 2,048 shared tokens

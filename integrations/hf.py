@@ -76,7 +76,7 @@ SHARE_MIN_SAVED_TOKENS = 2_048
 the extra products and the merge cost more decode time than the copies they save (measured on a
 CPU: SmolLM2-135M decode steps 0.91-1.03x at 64-512 tokens x 2-8 rows below the line, 1.19-1.53x
 above it; held out: a 4-layer Llama, 12 other shapes, every one on the right side; see the
-README). Held once saves memory on either side."""
+docs/guide/sharing.md). Held once saves memory on either side."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class CachedModel:
     KV of the same tokens differs by up to 1 ulp; `reuse_generated=True` trades that for hits
     on the latest answer), provided the attention kernel gives a prefix the same KV whatever
     follows it: eager attention on CPU does; torch's fused CPU sdpa kernel rounds the last rows
-    of a half-precision prefill by prefill length (1 ulp), so near-ties can still flip (README).
+    of a half-precision prefill by prefill length (1 ulp), so near-ties can still flip (docs/guide/exactness.md).
     Costs per cached call: one `match` per row (O(tokens) hashing), one copy of the reused KV
     (none extra for a single unpadded row), one insert per returned row (copies new blocks).
     Lower tiers (`host_capacity_tokens`, `disk_path`): entries are keyed by a fingerprint of the

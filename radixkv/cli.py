@@ -10,7 +10,7 @@
 
 Flags become one `BenchSettings` (model benches and the demo) or go to the trace sweep and the
 planner as they are. Bad arguments exit with status 2 and a message naming the argument. The
-single figures of the README have their own entry points: `python -m radixkv.benchmarks.trace`,
+single figures of the docs (docs/benchmarks.md) have their own entry points: `python -m radixkv.benchmarks.trace`,
 `.figures`, `.shared` and `.generalize`. `python -m radixkv` is this command too.
 
 Each subcommand imports what it needs when it runs (the benchmarks in `radixkv.benchmarks`, the

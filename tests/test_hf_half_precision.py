@@ -10,7 +10,7 @@ exactness tests. torch's fused CPU attention (sdpa) is not exact across prefill 
 precision: the KV of the first P tokens prefilled alone differs by up to 1 ulp from the same
 rows of a longer prefill (its vectorised softmax sums in a length-dependent order), so plain
 `generate`'s own KV of a prefix depends on what follows it and no prefix cache can match it bit
-for bit; the README states this.
+for bit; docs/guide/exactness.md states this.
 """
 
 from __future__ import annotations

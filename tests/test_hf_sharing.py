@@ -508,7 +508,7 @@ def test_shared_calls_on_the_device(device: torch.device, dtype: torch.dtype, at
     assert cached.cache is not None and cached.cache.spec.device == torch.device(device)
     exact = dtype == torch.float32
     assert cached.share_prefixes == (exact, exact)
-    # Half precision over sdpa: a warm hit may round 1 ulp differently (the README's known limit of
+    # Half precision over sdpa: a warm hit may round 1 ulp differently (docs/guide/exactness.md: the known limit of
     # every cached call, not of sharing), so only the cold call is compared bit for bit there.
     rounds = 1 if not exact and attention == "sdpa" else 2
     for mode in ({}, {"num_beams": 3, "do_sample": False}):

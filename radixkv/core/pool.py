@@ -146,7 +146,7 @@ class KVPool:
         One `index_select` per layer and K/V over a `[H, num_blocks, block_size * D]` view, each
         result a separate allocation. On CUDA the caching allocator reuses them between requests;
         on a CPU glibc returns freed blocks of this size to the system by default, so every gather
-        faults its output pages in again (see the README for the malloc settings that avoid it).
+        faults its output pages in again (docs/guide/generate.md gives the malloc settings that avoid it).
         Quantised: see `_gather_quantized`.
         """
         n = len(block_ids)
