@@ -36,7 +36,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -52,6 +52,7 @@ from .methods import (
     count_prefix_hits,
     greedy_config,
 )
+from .outcomes import BatchBenchResult, BatchOutcome, BatchResult, BatchRun
 from .report import batch_to_json, format_batch_table, plot_batch_methods
 from .runner import _describe, _model_info, machine_info, resolve_device
 from .workloads import RagBatchParams, RagBatchWorkload, Tokens, build_rag_batch
@@ -100,107 +101,6 @@ class PrefillMark(BaseStreamer):
 
     def end(self) -> None:
         """Called by generate when it finishes; nothing to do."""
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """One batch as a method served it (see the module docstring for how each figure is counted).
-
-    `width` is the padded prompt width (0 for continuous batching, which packs its requests);
-    `ttft_s` None where the method gives no time to the batch's first token.
-    """
-
-    name: str
-    keys: tuple[str, ...]
-    prompts: tuple[Tokens, ...]
-    generated: tuple[Tokens, ...]
-    width: int
-    wall_s: float
-    ttft_s: float | None
-    prefill_positions: int
-    reused_tokens: int
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(map(len, self.prompts))
-
-    @property
-    def computed_tokens(self) -> int:
-        """Real prompt tokens computed: prompt tokens - reused."""
-        return self.prompt_tokens - self.reused_tokens
-
-
-@dataclass
-class BatchRun:
-    """Everything measured for one method on the batched workload."""
-
-    name: str
-    batches: list[BatchResult]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_s(self) -> float:
-        return sum(b.wall_s for b in self.batches)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(b.prompt_tokens for b in self.batches)
-
-    @property
-    def prefill_positions(self) -> int:
-        return sum(b.prefill_positions for b in self.batches)
-
-    @property
-    def computed_tokens(self) -> int:
-        return sum(b.computed_tokens for b in self.batches)
-
-    @property
-    def reused_tokens(self) -> int:
-        return sum(b.reused_tokens for b in self.batches)
-
-    @property
-    def hit_rate(self) -> float:
-        """Prompt tokens read from a cache / prompt tokens."""
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    @property
-    def outputs(self) -> dict[str, Tokens]:
-        return {k: g for b in self.batches for k, g in zip(b.keys, b.generated, strict=True)}
-
-
-@dataclass
-class BatchOutcome:
-    """A method's row: `run` when it ran, else `status` ("n/a" or "failed") and `reason`;
-    `same_tokens` None for the reference, `mismatches` the row keys whose tokens differ from it."""
-
-    name: str
-    status: str
-    reason: str = ""
-    run: BatchRun | None = None
-    same_tokens: bool | None = None
-    mismatches: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BatchBenchResult:
-    """Everything one `radixkv bench rag-batch` run measured."""
-
-    workload: RagBatchWorkload
-    model: dict[str, Any]
-    settings: BenchSettings
-    outcomes: list[BatchOutcome]
-    machine: dict[str, Any]
-
-    @property
-    def reference(self) -> BatchOutcome | None:
-        """The first method that ran (normally `generate`)."""
-        return next((o for o in self.outcomes if o.run is not None), None)
-
-    @property
-    def all_same_tokens(self) -> bool | None:
-        """True when every method that ran produced the reference's tokens; None if fewer than two ran."""
-        checked = [o.same_tokens for o in self.outcomes if o.same_tokens is not None]
-        return all(checked) if checked else None
 
 
 def left_padded(prompts: Sequence[Tokens], device: Any = None, pad: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:

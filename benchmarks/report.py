@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .batched import BatchBenchResult, BatchOutcome
-    from .runner import BenchResult, MethodOutcome
+    from .outcomes import BatchBenchResult, BatchOutcome, BenchResult, MethodOutcome
 
 # method -> (label in the table, colour in the plots)
 _STYLE = {

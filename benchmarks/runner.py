@@ -21,7 +21,6 @@ import sys
 import textwrap
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from radixkv.integrations.models import PRESETS, load, load_model
 from transformers import PreTrainedModel
 
 from .methods import METHODS, BenchSettings, MethodRun, NotApplicable, SequentialMethod, greedy_config, run_interleaved
+from .outcomes import BenchResult, MethodOutcome
 from .report import format_table, plot_methods, to_json
 from .workloads import (
     WORKLOADS,
@@ -43,45 +43,6 @@ from .workloads import (
 )
 
 _EXCERPT = 110  # characters of each answer printed
-
-
-@dataclass
-class MethodOutcome:
-    """A method's row: `run` when it ran, else `status` ("n/a" or "failed") and `reason`.
-
-    `same_tokens` is None for the reference itself or when there is nothing to compare;
-    `mismatches` lists the request keys whose tokens differ from the reference.
-    """
-
-    name: str
-    status: str
-    reason: str = ""
-    run: MethodRun | None = None
-    same_tokens: bool | None = None
-    mismatches: list[str] = field(default_factory=list)
-
-
-@dataclass
-class BenchResult:
-    """Everything one `radixkv bench` / `radixkv demo` run measured, ready for JSON and the table."""
-
-    workload: Workload
-    model: dict[str, Any]
-    settings: BenchSettings
-    outcomes: list[MethodOutcome]
-    best_hit_rate: float | None
-    machine: dict[str, Any]
-
-    @property
-    def reference(self) -> MethodOutcome | None:
-        """The first method that ran (normally `generate`)."""
-        return next((o for o in self.outcomes if o.run is not None), None)
-
-    @property
-    def all_same_tokens(self) -> bool | None:
-        """True when every method that ran produced the reference's tokens; None if fewer than two ran."""
-        checked = [o.same_tokens for o in self.outcomes if o.same_tokens is not None]
-        return all(checked) if checked else None
 
 
 def machine_info(device: str) -> dict[str, Any]:

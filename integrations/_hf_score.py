@@ -40,22 +40,53 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from radixkv.cache import PrefixMatch
+from radixkv.cache import PrefixCache, PrefixMatch
 from radixkv.core.hashing import namespace_key
 
-from ._hf_kv import CACHE_KWARG, LayerKV, build_past, row_kv, weights_dtype_device
+from ._hf_kv import CACHE_KWARG, LayerKV, ModelKV, build_past, row_kv, weights_dtype_device
 from ._hf_layout import plan_layout
 from ._hf_share import BlockTrie
 from ._hf_support import UncachedWarning
 
-if TYPE_CHECKING:
-    from .hf import CachedModel
 
-__all__ = ["ContinuationScore", "ScoreStats", "score_continuations"]
+class ScoringHost(Protocol):
+    """What scoring reads of the wrapper: `CachedModel` is one. A protocol, so that this module
+    never imports hf.py (which imports this module for `CachedModel.score`)."""
+
+    model: Any
+    cache: PrefixCache | None
+    unsupported_reason: str | None
+    _model_kv: ModelKV | None
+    _vocab_size: int | None
+    _weights: tuple[torch.dtype, torch.device] | None
+    _logits_to_keep: bool
+
+    @property
+    def share_prefixes(self) -> tuple[bool, bool]: ...
+
+    def _namespace(self) -> object: ...
+
+    def _match_sharing(
+        self,
+        prompts: Sequence[list[int]],
+        lengths: Sequence[int],
+        trie: BlockTrie,
+        expand: int,
+        compute_once: bool,
+        namespace: object,
+        tenant: object,
+    ) -> list[PrefixMatch]: ...
+
+    def _release_all(self, matches: Sequence[PrefixMatch]) -> None: ...
+
+    def _insert_row(self, tokens: list[int], kv: list[LayerKV], namespace: object, tenant: object = None) -> None: ...
+
+
+__all__ = ["ContinuationScore", "ScoreStats", "ScoringHost", "score_continuations"]
 
 TokenRow = Sequence[int] | torch.Tensor
 
@@ -118,7 +149,7 @@ class _Counter:
             return self._stats
 
 
-def counter_of(cm: CachedModel) -> _Counter:
+def counter_of(cm: ScoringHost) -> _Counter:
     """The wrapper's score counter, created on first use (kept out of `CachedModel.__init__`)."""
     found = cm.__dict__.get("_score_counter")
     if found is None:
@@ -155,7 +186,7 @@ def _as_rows(value: object, name: str, vocab_size: int | None) -> list[list[int]
 
 
 def score_continuations(
-    cm: CachedModel,
+    cm: ScoringHost,
     contexts: Sequence[TokenRow],
     continuations: Sequence[TokenRow],
     *,
@@ -200,7 +231,7 @@ def score_continuations(
     return [r for r in out if r is not None]
 
 
-def _uncached_reason(cm: CachedModel) -> str | None:
+def _uncached_reason(cm: ScoringHost) -> str | None:
     if cm.cache is None or cm._model_kv is None:
         return cm.unsupported_reason or "the model is not served by the cache"
     if getattr(cm.model, "training", False):
@@ -209,7 +240,7 @@ def _uncached_reason(cm: CachedModel) -> str | None:
 
 
 def _score_chunk(
-    cm: CachedModel,
+    cm: ScoringHost,
     contexts: list[list[int]],
     continuations: list[list[int]],
     tenant: object,
