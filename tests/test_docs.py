@@ -2,7 +2,7 @@
 
 Each block runs in a fresh namespace holding the names the pages assume (`model`, `tokenizer`,
 `input_ids`, `mask`, `spec`, `token_ids`, `kv`, `query_ids`, `system_prompt`, `question`): a tiny
-random-weight Llama and a character-level tokenizer built here (no download), in a temporary
+random-weight Llama and a character-level tokenizer (tests/test_hf_dropin.py's, no download), in a temporary
 working directory. A block that cannot run here (a hub model, a server) carries
 `<!-- not-run: needs ... -->` on the line before it; it is compiled, not run, and a marker
 without a reason, or one that is not followed by a block, fails.
@@ -22,19 +22,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from radixkv.integrations.hf import UncachedWarning  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from test_hf_dropin import char_tokenizer, tiny_model  # noqa: E402  (the tiny chat model and tokenizer)
 
 import radixkv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.*?)\s*-->$")
-CHARS = "".join(chr(c) for c in range(32, 127)) + "\n"
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -71,39 +65,6 @@ def blocks_of(page: Path) -> list[Block]:
 
 
 BLOCKS = [b for page in PAGES for b in blocks_of(page)]
-
-
-def char_tokenizer() -> Any:
-    """One token per character; specials first, so that pad = 0, bos = 1, eos = 2."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.padding_side = "left"
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def tiny_model() -> Any:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(SPECIALS) + len(CHARS),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None  # random weights: fixed-length answers
-    return model
 
 
 def names() -> dict[str, Any]:
