@@ -104,10 +104,6 @@ class Preset:
         return self.dims.config()
 
 
-def _llama(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, tied: bool = False) -> _Llama:
-    return _Llama(vocab, hidden, ffn, layers, heads, kv_heads, tied)
-
-
 # name, description, config (vocab, hidden, ffn, layers, query heads, KV heads, tied embeddings), runnable
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -115,32 +111,32 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "tiny",
             "4-layer Llama, hidden 128, 4 query / 2 KV heads, vocab 512 (~0.7M params, random weights)",
-            _llama(512, 128, 256, 4, 4, 2),
+            _Llama(512, 128, 256, 4, 4, 2),
             runnable=True,
         ),
         Preset(
             "llama-100m",
             "12-layer Llama, hidden 768, 12 query / 4 KV heads, vocab 32000, tied embeddings "
             "(~100M params, random weights)",
-            _llama(32000, 768, 2048, 12, 12, 4, tied=True),
+            _Llama(32000, 768, 2048, 12, 12, 4, tied=True),
             runnable=True,
         ),
         Preset(
             "llama-2-7b",
             "Llama-2-7B shape: 32 layers, 32 KV heads, head_dim 128 (plan only)",
-            _llama(32000, 4096, 11008, 32, 32, 32),
+            _Llama(32000, 4096, 11008, 32, 32, 32),
             runnable=False,
         ),
         Preset(
             "llama-2-70b",
             "Llama-2-70B shape: 80 layers, 8 KV heads (GQA), head_dim 128 (plan only)",
-            _llama(32000, 8192, 28672, 80, 64, 8),
+            _Llama(32000, 8192, 28672, 80, 64, 8),
             runnable=False,
         ),
         Preset(
             "llama-3-8b",
             "Llama-3-8B shape: 32 layers, 8 KV heads (GQA), head_dim 128 (plan only)",
-            _llama(128256, 4096, 14336, 32, 32, 8),
+            _Llama(128256, 4096, 14336, 32, 32, 8),
             runnable=False,
         ),
     )

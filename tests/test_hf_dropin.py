@@ -20,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from radixkv.integrations.hf import CachedModel, UncachedWarning  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
 import radixkv  # noqa: E402
@@ -49,22 +50,9 @@ def char_tokenizer(padding_side: str = "left") -> Any:
 
 
 def tiny_model(seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(SPECIALS) + len(CHARS),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None  # random weights: fixed-length answers
-    return model
+    """The shared tiny Llama over the character vocabulary (pad 0, bos 1, eos 2)."""
+    vocab = len(SPECIALS) + len(CHARS)
+    return tiny_llama(seed=seed, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 @contextmanager

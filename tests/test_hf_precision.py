@@ -20,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from radixkv.integrations.hf import UncachedWarning, _float32_matmul_precision  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
 
 import radixkv  # noqa: E402
 
@@ -97,19 +98,7 @@ _MODEL: list[Any] = []
 
 def model() -> Any:
     if not _MODEL:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=128,
-        )
-        m = transformers.LlamaForCausalLM(config).eval()
-        m.generation_config.pad_token_id = 0
-        m.generation_config.eos_token_id = None
-        _MODEL.append(m)
+        _MODEL.append(tiny_llama())
     return _MODEL[0]
 
 

@@ -23,6 +23,7 @@ from radixkv.integrations import _hf_shared_kv as shared_kv  # noqa: E402
 from radixkv.integrations._hf_share import BlockTrie, prefill_saved, prefixes_to_compute, share_groups  # noqa: E402
 from radixkv.integrations._hf_shared_kv import ATTENTION_NAME, build_shared_past, shared_attention  # noqa: E402
 from test_hf_generate import FAMILIES, SLIDING, left_pad, model_for, no_locks, tokens  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
 
 import radixkv  # noqa: E402
 
@@ -63,24 +64,6 @@ def rag_batch(doc_len: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
         tokens(9, 99),
     ]
     return left_pad(rows)
-
-
-def tiny_llama(dtype: torch.dtype, attention: str, device: torch.device) -> Any:
-    """A seeded tiny Llama in `dtype` on `device` with the given attention implementation."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
-    model.config._attn_implementation = attention
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def assert_same(ours: Any, plain: Any) -> None:
@@ -376,7 +359,7 @@ def test_half_precision_shares_only_when_asked(dtype: torch.dtype) -> None:
     """In half precision the default shares nothing (a prefix prefilled alone rounds differently
     from the same prefix in a padded batch), so a cold batch is plain `generate` bit for bit;
     share_prefixes=True computes and holds once."""
-    model = tiny_llama(dtype, "eager", torch.device("cpu"))
+    model = tiny_llama(dtype=dtype, attention="eager")
     ids, mask = rag_batch()
     cached = hf.wrap(model, capacity_tokens=4096, block_size=BLOCK)
     assert cached.share_prefixes == (False, False)
@@ -502,7 +485,7 @@ def test_shared_calls_on_the_device(device: torch.device, dtype: torch.dtype, at
     (tokens, scores within 1e-4) with both parts of sharing; half precision with the defaults
     (nothing shared) gives plain `generate`'s tokens and scores bit for bit on a cold call, and
     so does a warm call with eager attention."""
-    model = tiny_llama(dtype, attention, device)
+    model = tiny_llama(dtype=dtype, attention=attention, device=device)
     ids, mask = (t.to(device) for t in rag_batch())
     cached = hf.wrap(model, capacity_tokens=4096, block_size=BLOCK)
     assert cached.cache is not None and cached.cache.spec.device == torch.device(device)
