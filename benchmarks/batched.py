@@ -34,14 +34,12 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
 import torch
-from radixkv.integrations.models import PRESETS, load_model
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
@@ -54,7 +52,7 @@ from .methods import (
 )
 from .outcomes import BatchBenchResult, BatchOutcome, BatchResult, BatchRun
 from .report import batch_to_json, format_batch_table, plot_batch_methods
-from .runner import _describe, _model_info, machine_info, resolve_device
+from .runner import _describe, bench_model, machine_info
 from .workloads import RagBatchParams, RagBatchWorkload, Tokens, build_rag_batch
 
 PAD_ID = 0  # greedy_config's pad id; the workload draws tokens from 3 up
@@ -174,16 +172,7 @@ def make_radixkv(
 ) -> PaddedMethod:
     """`radixkv.wrap(model, ...)` on the same padded batches; reuse read from `cached.stats` (reused
     tokens less those computed once for several rows of the batch)."""
-    import radixkv
-
-    cached = radixkv.wrap(
-        model,
-        capacity_tokens=settings.capacity_tokens,
-        block_size=settings.block_size,
-        eviction=settings.eviction,
-        reuse_generated=reuse_generated,
-        share_prefixes=share_prefixes,
-    )
+    cached = settings.wrap(model, reuse_generated=reuse_generated, share_prefixes=share_prefixes)
     cache = cached.cache
 
     def finish() -> dict[str, Any]:
@@ -337,17 +326,9 @@ def run_rag_batch(
 ) -> BatchBenchResult:
     """`radixkv bench rag-batch`: load the model (unless given), build the workload, run the methods,
     print the tables; with `settings.out`, write ``results.json``, ``table.md`` and ``methods.png``."""
-    settings.set_threads()
-    settings = settings.with_capacity(32768)
-    device = resolve_device(settings.device)
-    if model is None:
-        if settings.progress:
-            print(f"building model {settings.model!r} on {device} ({settings.dtype})...", file=sys.stderr)
-        model = load_model(settings.model, device=device, dtype=settings.dtype, seed=settings.seed)
+    settings, model, info = bench_model(settings, model)
     vocab = model.config.get_text_config().vocab_size
     workload = build_rag_batch(params, vocab_size=vocab, seed=settings.seed, block_size=settings.block_size)
-    preset = PRESETS.get(settings.model)
-    info = _model_info(settings, model, device, preset.description if preset else settings.model)
     result = run_batched(model, workload, settings, info)
     table = format_batch_table(result)
     print(f"\n## {workload.name}\n")

@@ -124,6 +124,18 @@ class BenchSettings:
         """These settings with `capacity_tokens` set to `default` when it was left None."""
         return self if self.capacity_tokens is not None else dataclasses.replace(self, capacity_tokens=default)
 
+    def wrap(self, model: PreTrainedModel, **options: Any) -> Any:
+        """`radixkv.wrap(model, ...)` with this run's capacity, block size and eviction (plus `options`)."""
+        import radixkv
+
+        return radixkv.wrap(
+            model,
+            capacity_tokens=self.capacity_tokens,
+            block_size=self.block_size,
+            eviction=self.eviction,
+            **options,
+        )
+
     def cache_fields(self) -> dict[str, Any]:
         """What results.json records under "settings"."""
         return {"capacity_tokens": self.capacity_tokens, "block_size": self.block_size, "eviction": self.eviction,
@@ -374,16 +386,7 @@ def make_radixkv(
 ) -> SequentialMethod:
     """Serve the workload through `radixkv.wrap(model, ...)`; the prompt tokens a request reused are
     the adapter's count of prompt tokens whose prefill it skipped."""
-    import radixkv
-
-    wrapped = radixkv.wrap(
-        model,
-        capacity_tokens=settings.capacity_tokens,
-        block_size=settings.block_size,
-        eviction=settings.eviction,
-        share_prefixes=share_prefixes,
-        reuse_generated=reuse_generated,
-    )
+    wrapped = settings.wrap(model, reuse_generated=reuse_generated, share_prefixes=share_prefixes)
     cache = wrapped.cache
 
     def serve(req: Request) -> RequestResult:

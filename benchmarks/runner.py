@@ -171,13 +171,12 @@ def _run_and_write(
     return result
 
 
-def run_model_bench(
-    workload: str, params: Any, settings: BenchSettings, model: PreTrainedModel | None = None
-) -> BenchResult:
-    """`radixkv bench WORKLOAD`: load the model (unless `model`, the one `settings.model` names, is
-    given), build the workload from `params` (its params dataclass), run the methods, print the
-    table; with `settings.out`, write ``results.json``, ``table.md`` and ``methods.png`` there."""
-    spec = WORKLOADS[workload]
+def bench_model(
+    settings: BenchSettings, model: PreTrainedModel | None = None
+) -> tuple[BenchSettings, PreTrainedModel, dict[str, Any]]:
+    """What every `radixkv bench` workload starts with: torch threads set, the default capacity
+    (32,768 tokens) filled in, the model `settings.model` names built on its device unless given,
+    and the model's description for results.json."""
     settings.set_threads()
     settings = settings.with_capacity(32768)
     device = resolve_device(settings.device)
@@ -185,10 +184,20 @@ def run_model_bench(
         if settings.progress:
             print(f"building model {settings.model!r} on {device} ({settings.dtype})...", file=sys.stderr)
         model = load_model(settings.model, device=device, dtype=settings.dtype, seed=settings.seed)
+    preset = PRESETS.get(settings.model)
+    return settings, model, _model_info(settings, model, device, preset.description if preset else settings.model)
+
+
+def run_model_bench(
+    workload: str, params: Any, settings: BenchSettings, model: PreTrainedModel | None = None
+) -> BenchResult:
+    """`radixkv bench WORKLOAD`: load the model (unless `model`, the one `settings.model` names, is
+    given), build the workload from `params` (its params dataclass), run the methods, print the
+    table; with `settings.out`, write ``results.json``, ``table.md`` and ``methods.png`` there."""
+    spec = WORKLOADS[workload]
+    settings, model, info = bench_model(settings, model)
     vocab = model.config.get_text_config().vocab_size
     built = spec.build(params, vocab_size=vocab, seed=settings.seed, block_size=settings.block_size)
-    preset = PRESETS.get(settings.model)
-    info = _model_info(settings, model, device, preset.description if preset else settings.model)
     result = _run_and_write(model, built, settings, info, title=built.name, out=settings.out)
     if (out := settings.out) is not None:
         print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'methods.png'}")
