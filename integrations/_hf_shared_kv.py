@@ -43,6 +43,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from radixkv.core.pool import LayerKV
 from radixkv.core.spec import KVSpec
 
+from ._hf_kv import ModelKV, build_past
+from ._hf_layout import BatchLayout
+
 __all__ = ["ATTENTION_NAME", "SharedPrefixCache", "SharedPrefixLayer", "shared_attention"]
 
 ATTENTION_NAME = "radixkv_shared_prefix"
@@ -351,8 +354,7 @@ def build_shared_past(
     past_width: int,
     row_start: Sequence[int],
     suffix_valid: torch.Tensor,
-    layer_devices: Sequence[torch.device],
-    spec: KVSpec,
+    model_kv: ModelKV,
 ) -> SharedPrefixCache:
     """Lay out a `SharedPrefixCache` for B input rows, each repeated `expand` times.
 
@@ -360,9 +362,11 @@ def build_shared_past(
     (None when it reuses nothing of its own). shared[g]: group g's prefix KV, per layer
     `[1, H, P_g, D]`. groups[g]: (cache rows, P_g). past_width: T - S, the caller columns
     `generate` skips. row_start: per input row, its first real caller column. suffix_valid:
-    `[B, S]` mask of the prefilled columns. Cost: one copy of the own parts (expanded) and none
-    of the shared parts (views of the gathered tensors).
+    `[B, S]` mask of the prefilled columns. The own parts are laid out as `build_past` lays out
+    any past (right-aligned, zeros before, repeated per sequence): one copy of them, none of the
+    shared parts (views of the gathered tensors).
     """
+    spec = model_kv.spec
     batch = len(own_tokens)
     rows = batch * expand
     width = max(own_tokens, default=0)
@@ -374,19 +378,18 @@ def build_shared_past(
     cols = torch.arange(width, device=device)
     starts = torch.tensor([width - n for n in own_tokens], device=device)
     past_valid = (cols.unsqueeze(0) >= starts.unsqueeze(1)).repeat_interleave(expand, dim=0)  # [R, W0]
-    group_rows = [torch.tensor(list(members), dtype=torch.long, device=layer_devices[0]) for members, _ in groups]
+    group_rows = [
+        torch.tensor(list(members), dtype=torch.long, device=model_kv.layer_devices[0]) for members, _ in groups
+    ]
+    own_layout = BatchLayout(width=width, suffix=0, lengths=tuple(own_tokens), reused=tuple(own_tokens))
+    own_past = build_past(own_layout, own, model_kv, expand).layers  # empty when no row owns a token
     layers: list[SharedPrefixLayer] = []
-    for layer, dev in enumerate(layer_devices):
-        k = torch.zeros((batch, spec.num_kv_heads, width, spec.head_dim), dtype=spec.dtype, device=dev)
-        v = torch.zeros_like(k)
-        for i, (n, kv) in enumerate(zip(own_tokens, own, strict=True)):
-            if n == 0 or kv is None:
-                continue
-            src_k, src_v = kv[layer]  # [1, H, >= n, D]
-            k[i, :, width - n :].copy_(src_k[0, :, :n])
-            v[i, :, width - n :].copy_(src_v[0, :, :n])
-        if expand > 1:
-            k, v = k.repeat_interleave(expand, dim=0), v.repeat_interleave(expand, dim=0)
+    for layer, dev in enumerate(model_kv.layer_devices):
+        if own_past:
+            k, v = own_past[layer].keys, own_past[layer].values  # [R, H, W0, D]
+        else:
+            k = torch.zeros((rows, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype, device=dev)
+            v = torch.zeros_like(k)
         prefix = [(kv[layer][0][0].to(dev), kv[layer][1][0].to(dev)) for kv in shared]  # [H, P_g, D] each
         layers.append(SharedPrefixLayer(k, v, prefix, past_width - width))
     return SharedPrefixCache(

@@ -480,8 +480,7 @@ class CachedModel:
                 past_width=layout.past_width,
                 row_start=[width - n for n in lengths],
                 suffix_valid=mask[:, layout.past_width :],
-                layer_devices=model_kv.layer_devices,
-                spec=model_kv.spec,
+                model_kv=model_kv,
             )
         else:
             past = build_past(layout, gathered, model_kv, expand)

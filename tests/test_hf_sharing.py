@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import radixkv.integrations.hf as hf  # noqa: E402
 from radixkv.integrations import _hf_shared_kv as shared_kv  # noqa: E402
+from radixkv.integrations._hf_kv import ModelKV  # noqa: E402
 from radixkv.integrations._hf_share import BlockTrie, prefill_saved, prefixes_to_compute, share_groups  # noqa: E402
 from radixkv.integrations._hf_shared_kv import ATTENTION_NAME, build_shared_past, shared_attention  # noqa: E402
 from test_hf_generate import FAMILIES, SLIDING, left_pad, model_for, no_locks, tokens  # noqa: E402
@@ -184,8 +185,7 @@ def test_merge_equals_attention_over_the_whole_row(queries: int) -> None:
         past_width=20,
         row_start=[0] * rows,
         suffix_valid=suffix_valid,
-        layer_devices=[torch.device("cpu")],
-        spec=spec,
+        model_kv=ModelKV(spec, (torch.device("cpu"),)),
     )
     new_k, new_v = (
         torch.randn(rows, heads, queries, dim, dtype=dtype),
