@@ -139,14 +139,19 @@ def format_table(result: BenchResult) -> str:
             "prompt-reuse's hit rate counts its precomputed prefix as cached; its prefill tokens saved "
             "subtract computing that prefix once"
         )
+    notes.append(_setup_note(result))
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _setup_note(result: BenchResult | BatchBenchResult) -> str:
+    """The table's last note: the cache, the model and the machine a run measured."""
     s = result.settings
-    notes.append(
+    return (
         f"cache: {s.capacity_tokens:,} tokens, block {s.block_size}, eviction {s.eviction}; "
         f"model {result.model.get('name')} ({result.model.get('params', 0):,} params, "
         f"{result.model.get('dtype')}, {result.model.get('device')}, "
         f"{result.machine.get('torch_threads')} torch threads, {result.machine.get('cpu_count')} CPU cores)"
     )
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def _pyplot() -> Any:
@@ -332,13 +337,7 @@ def format_batch_table(result: BatchBenchResult) -> str:
         "total = wall time of the method's generate calls; generate and radixkv interleaved batch by batch, "
         "continuous batching run alone before them; time / reference = total / the reference's total",
     ]
-    s = result.settings
-    notes.append(
-        f"cache: {s.capacity_tokens:,} tokens, block {s.block_size}, eviction {s.eviction}; "
-        f"model {result.model.get('name')} ({result.model.get('params', 0):,} params, "
-        f"{result.model.get('dtype')}, {result.model.get('device')}, "
-        f"{result.machine.get('torch_threads')} torch threads, {result.machine.get('cpu_count')} CPU cores)"
-    )
+    notes.append(_setup_note(result))
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
