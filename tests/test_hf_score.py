@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from radixkv.integrations.hf import CachedModel, ContinuationScore, UncachedWarning  # noqa: E402
 from test_hf_generate import BLOCK, FAMILIES, SLIDING, _llama_in_training_mode, _mamba, model_for, no_locks, tokens  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
 
 import radixkv  # noqa: E402
 
@@ -183,8 +184,7 @@ def test_models_the_cache_cannot_serve_score_with_the_plain_forward_and_one_warn
 
 
 def test_a_weight_update_drops_the_cache_and_scores_follow_the_new_weights() -> None:
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_small())).eval()
+    model = tiny_llama()
     cached = radixkv.wrap(model, capacity_tokens=1024, block_size=BLOCK)
     contexts, conts = questions(tokens(24, 30), 1, 2, seed=31)
     cached.score(contexts, conts)
@@ -193,17 +193,6 @@ def test_a_weight_update_drops_the_cache_and_scores_follow_the_new_weights() -> 
     got = cached.score(contexts, conts)
     assert_matches_plain(model, got, contexts, conts)
     assert cached.stats.weight_changes == 1
-
-
-def _small() -> dict[str, Any]:
-    return {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 128,
-        "vocab_size": 128,
-    }
 
 
 # ----- bad input and failures ----------------------------------------------------------------
@@ -258,8 +247,7 @@ def test_an_exception_in_the_forward_pass_leaves_no_lock_and_stores_nothing() ->
 
 
 def test_a_model_moved_to_another_dtype_behind_the_wrapper_raises() -> None:
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_small())).eval()
+    model = tiny_llama()
     cached = radixkv.wrap(model, capacity_tokens=256, block_size=BLOCK)
     model.to(torch.float64)
     with pytest.raises(RuntimeError, match="moved"):
